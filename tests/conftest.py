@@ -1,0 +1,62 @@
+"""Shared fixtures: real daemons on real sockets, RAPL trees, the stand-in NVML library."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from tests.daemon import Daemon, Transport, free_tcp_port, terminate
+from tests.rapl_tree import RaplTree
+
+DaemonFactory = Callable[..., Daemon]
+
+
+@pytest.fixture(params=["unix", "tcp"])
+def transport_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def make_transport(kind: str, directory: Path) -> Transport:
+    if kind == "unix":
+        return Transport("unix", str(directory / "zeusd.sock"))
+    return Transport("tcp", free_tcp_port())
+
+
+@pytest.fixture
+def start_daemon(tmp_path: Path) -> Iterator[DaemonFactory]:
+    """Start zeusd subprocesses; every one is killed at the end of the test."""
+    started: list[Daemon] = []
+
+    def start(*args: str, transport: str = "unix", env: dict[str, str] | None = None, wait: bool = True, user: int | None = None) -> Daemon:
+        directory = tmp_path / f"d{len(started)}"
+        directory.mkdir()
+        daemon = Daemon(make_transport(transport, directory), list(args), dict(env or {}), directory / "zeusd.log", user)
+        started.append(daemon)
+        return daemon.start(wait=wait)
+
+    yield start
+    for daemon in started:
+        terminate(daemon)
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("module")
+
+
+@pytest.fixture(scope="module", params=["unix", "tcp"])
+def sim_daemon(request: pytest.FixtureRequest, module_tmp: Path) -> Iterator[Daemon]:
+    """One simulated node per module and transport (read-mostly tests share it)."""
+    directory = module_tmp / f"sim-{request.param}"
+    directory.mkdir()
+    daemon = Daemon(make_transport(str(request.param), directory), ["--simulate"], {}, directory / "zeusd.log")
+    daemon.start()
+    yield daemon
+    terminate(daemon)
+
+
+@pytest.fixture
+def rapl_tree(tmp_path: Path) -> RaplTree:
+    return RaplTree(tmp_path / "powercap")

@@ -1,0 +1,28 @@
+"""``twist zeusd [options]``: the daemon as a Twisted application plugin.
+
+The options are :class:`zeusd.options.ServeOptions`, the same single
+definition that ``zeusd serve`` and ``tac/zeusd.tac`` use.
+"""
+
+from __future__ import annotations
+
+from twisted.application.service import IServiceMaker, IService
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+
+from zeusd.options import ServeOptions
+
+
+@implementer(IServiceMaker, IPlugin)
+class ZeusdServiceMaker:
+    tapname = "zeusd"
+    description = "GPU and CPU power management and streaming daemon."
+    options = ServeOptions
+
+    def makeService(self, options: ServeOptions) -> IService:
+        from zeusd.service import make_service
+
+        return make_service(options.config())
+
+
+serviceMaker = ZeusdServiceMaker()

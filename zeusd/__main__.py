@@ -1,0 +1,5 @@
+import sys
+
+from zeusd.cli import main
+
+sys.exit(main())

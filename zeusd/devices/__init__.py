@@ -1,0 +1,1 @@
+"""Hardware backends. Nothing here knows about HTTP."""

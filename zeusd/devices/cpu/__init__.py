@@ -1,0 +1,1 @@
+"""CPU package energy backends behind one interface: RAPL sysfs and a simulator."""

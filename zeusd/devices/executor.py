@@ -1,0 +1,156 @@
+"""Running blocking device calls off the reactor thread.
+
+Two tools, each for one job:
+
+* :class:`SerialExecutor`: one daemon thread with a FIFO queue, one per GPU,
+  so that commands for a GPU take effect strictly in arrival order while
+  different GPUs proceed in parallel. (``deferToThread`` alone cannot give
+  per-GPU ordering: the shared pool runs queued calls on whichever thread is
+  free.)
+* :class:`SingleFlight`: shares one in-flight read between every caller that
+  wants the same reading at the same time, so a hung device ties up at most
+  one pool thread per reading however many pollers and requests ask for it.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from typing import Any, Callable, Hashable, Mapping, TypeVar
+
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
+
+from zeusd.devices.base import DeviceError
+
+T = TypeVar("T")
+
+_STOP = object()
+
+
+class SerialExecutor:
+    """Runs submitted calls one at a time, in submission order, on its own thread."""
+
+    def __init__(self, reactor: IReactorFromThreads, name: str) -> None:
+        self._reactor = reactor
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._pending = 0
+        self._started_at: float | None = None
+        self._idle_waiters: list[Deferred[None]] = []
+        # A daemon thread: a hung driver call must never keep the process alive.
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def pending(self) -> int:
+        """Submitted calls that have not finished yet (queued or running)."""
+        return self._pending
+
+    @property
+    def busy_for(self) -> float:
+        """Seconds the current call has been running (0 when idle)."""
+        started = self._started_at
+        return 0.0 if started is None else time.monotonic() - started
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
+        """Queue ``fn(*args)``; the Deferred fires on the reactor thread."""
+        d: Deferred[T] = Deferred()
+        self._pending += 1
+        self._queue.put((d, fn, args))
+        return d
+
+    def when_idle(self) -> Deferred[None]:
+        """Fires once every call submitted so far has finished."""
+        d: Deferred[None] = Deferred()
+        if self._pending == 0:
+            d.callback(None)
+        else:
+            self._idle_waiters.append(d)
+        return d
+
+    def stop(self) -> None:
+        """Let the thread exit after the calls already queued."""
+        self._queue.put(_STOP)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            d, fn, args = item
+            self._started_at = time.monotonic()
+            try:
+                result: Any = fn(*args)
+                ok = True
+            except BaseException:
+                result = Failure()
+                ok = False
+            self._started_at = None
+            self._reactor.callFromThread(self._finish, d, ok, result)
+
+    def _finish(self, d: Deferred[Any], ok: bool, result: Any) -> None:
+        self._pending -= 1
+        if ok:
+            d.callback(result)
+        else:
+            d.errback(result)
+        if self._pending == 0:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+
+class SingleFlight:
+    """At most one running call per key; concurrent callers share its result."""
+
+    def __init__(self, reactor: IReactorFromThreads, pool: Any) -> None:
+        self._reactor = reactor
+        self._pool = pool
+        self._inflight: dict[Hashable, list[Deferred[Any]]] = {}
+
+    def in_flight(self, key: Hashable) -> bool:
+        return key in self._inflight
+
+    def call(self, key: Hashable, fn: Callable[..., T], *args: Any) -> Deferred[T]:
+        """A Deferred for ``fn(*args)``; cancelling it abandons only this caller's wait."""
+        waiters = self._inflight.get(key)
+        mine: Deferred[T] = Deferred(lambda d: self._abandon(key, d))
+        if waiters is not None:
+            waiters.append(mine)
+            return mine
+        self._inflight[key] = [mine]
+        work: Deferred[T] = deferToThreadPool(self._reactor, self._pool, fn, *args)
+        work.addBoth(self._settle, key)
+        return mine
+
+    def _abandon(self, key: Hashable, d: Deferred[Any]) -> None:
+        waiters = self._inflight.get(key)
+        if waiters is not None and d in waiters:
+            waiters.remove(d)
+
+    def _settle(self, result: Any, key: Hashable) -> None:
+        for waiter in self._inflight.pop(key, []):
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(result)
+
+
+def gather(deferreds: Mapping[int, "Deferred[Any]"]) -> "Deferred[Any]":
+    """Wait for every device's Deferred; failures become DeviceError values."""
+    ids = list(deferreds)
+    done: Deferred[Any] = DeferredList([deferreds[i] for i in ids], consumeErrors=True)
+
+    def collect(results: list[tuple[bool, Any]]) -> dict[int, Any]:
+        return {i: value if ok else _device_error(value) for i, (ok, value) in zip(ids, results)}
+
+    return done.addCallback(collect)
+
+
+def _device_error(failure: Failure) -> DeviceError:
+    if isinstance(failure.value, DeviceError):
+        return failure.value
+    return DeviceError(f"Unexpected error: {failure.getErrorMessage()}")

@@ -1,0 +1,1 @@
+"""GPU backends behind one protocol: NVML (real hardware) and a simulator."""

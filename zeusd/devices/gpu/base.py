@@ -1,0 +1,65 @@
+"""The GPU protocol every backend implements.
+
+All methods block (NVML calls, simulator locks) and are therefore only ever
+called from worker threads, never from the reactor thread. Failures raise
+:class:`zeusd.devices.base.DeviceError` with the HTTP status already decided.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+
+class GPU(Protocol):
+    """One GPU, addressed by its NVML index."""
+
+    @property
+    def index(self) -> int: ...
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def pci_address(self) -> str:
+        """Bus id as ``dddd:bb:dd.f`` in lower-case hex (empty when unknown)."""
+        ...
+
+    @property
+    def energy_counter_available(self) -> bool:
+        """Whether the cumulative-energy counter worked at startup (Volta and newer)."""
+        ...
+
+    # Reads.
+    def get_instant_power_mw(self) -> int: ...
+
+    def get_total_energy_mj(self) -> int: ...
+
+    def get_power_limit_mw(self) -> int: ...
+
+    def get_power_limit_constraints_mw(self) -> tuple[int, int]: ...
+
+    def get_persistence_mode(self) -> bool: ...
+
+    # Control.
+    def set_persistence_mode(self, enabled: bool) -> None: ...
+
+    def set_power_limit_mw(self, power_limit_mw: int) -> None: ...
+
+    def set_gpu_locked_clocks(self, min_clock_mhz: int, max_clock_mhz: int) -> None: ...
+
+    def reset_gpu_locked_clocks(self) -> None: ...
+
+    def set_mem_locked_clocks(self, min_clock_mhz: int, max_clock_mhz: int) -> None: ...
+
+    def reset_mem_locked_clocks(self) -> None: ...
+
+
+class GPUBackend(Protocol):
+    """What a GPU backend hands to the service at startup."""
+
+    @property
+    def gpus(self) -> Sequence[GPU]: ...
+
+    def close(self) -> None:
+        """Release the library (called once at shutdown)."""
+        ...

@@ -1,0 +1,50 @@
+"""Error types and how they become HTTP responses, in one place.
+
+Every error body is JSON: ``{"error": "..."}`` for one problem, or
+``{"errors": {"<device id>": "..."}}`` for per-device failures.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Mapping
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message is printed as ``Error: <message>``."""
+
+
+class ApiError(Exception):
+    """A request failed in a way the client should hear about."""
+
+    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers: Mapping[str, str] = headers or {}
+
+    def body(self) -> bytes:
+        return json.dumps({"error": self.message}, separators=(",", ":")).encode()
+
+
+class BadRequest(ApiError):
+    def __init__(self, message: str) -> None:
+        super().__init__(400, message)
+
+
+class NotFound(ApiError):
+    def __init__(self, message: str = "Not found.") -> None:
+        super().__init__(404, message)
+
+
+class DeviceErrors(ApiError):
+    """One or more devices failed; the status is the worst per-device status."""
+
+    def __init__(self, errors: Mapping[int, tuple[int, str]]) -> None:
+        worst = max(status for status, _ in errors.values())
+        super().__init__(worst, "; ".join(f"{i}: {m}" for i, (_, m) in sorted(errors.items())))
+        self.errors = dict(errors)
+
+    def body(self) -> bytes:
+        payload = {str(i): message for i, (_, message) in sorted(self.errors.items())}
+        return json.dumps({"errors": payload}, separators=(",", ":")).encode()

@@ -1,0 +1,34 @@
+"""API groups: the unit of enabling endpoints and of token scopes."""
+
+from __future__ import annotations
+
+import enum
+
+
+class ApiGroup(str, enum.Enum):
+    GPU_CONTROL = "gpu-control"
+    GPU_READ = "gpu-read"
+    CPU_READ = "cpu-read"
+
+    @property
+    def needs_root(self) -> bool:
+        """Groups whose devices only root may touch (NVML writes, RAPL energy files)."""
+        return self in (ApiGroup.GPU_CONTROL, ApiGroup.CPU_READ)
+
+
+#: Default for ``--enable``, in the order upstream lists them.
+DEFAULT_GROUPS: tuple[ApiGroup, ...] = (ApiGroup.GPU_CONTROL, ApiGroup.GPU_READ, ApiGroup.CPU_READ)
+
+#: Scope names a token may carry (the group names).
+SCOPE_NAMES: frozenset[str] = frozenset(g.value for g in ApiGroup)
+
+
+def group_for_path(path: str) -> ApiGroup | None:
+    """The group a decoded request path belongs to (None: no group, e.g. /discover)."""
+    if path.startswith("/gpu/"):
+        if path.startswith("/gpu/set_") or path.startswith("/gpu/reset_"):
+            return ApiGroup.GPU_CONTROL
+        return ApiGroup.GPU_READ
+    if path.startswith("/cpu/"):
+        return ApiGroup.CPU_READ
+    return None

@@ -1,0 +1,332 @@
+"""Demand-driven power polling and SSE fan-out.
+
+One :class:`StreamHub` per device kind owns one ``LoopingCall``. It starts
+when the first subscriber arrives and stops when the last one leaves, so an
+idle daemon reads no device and wakes no timer. Each tick reads the union of
+the devices subscribers asked for, once, off the reactor thread; a tick that
+outlasts its period makes ``LoopingCall`` skip the missed ticks instead of
+overlapping them. Subscribers with the same filter and format share one
+channel: a sample is encoded (and chunk-framed) once per channel and the same
+bytes are written to every subscriber in it.
+
+Slow readers: each subscriber is a streaming producer registered with its
+HTTP connection. While the connection's buffer is full the subscriber is
+paused and keeps only the newest frame, which it sends when resumed; one
+paused for longer than ``STALL_LIMIT_S`` is disconnected. Memory per
+subscriber is therefore bounded by the transport buffer plus one frame.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Mapping, Protocol, Sequence
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from zope.interface import implementer
+
+from zeusd.devices.base import DeviceError
+from zeusd.devices.cpu.manager import CpuManager, EnergySample, power_between
+from zeusd.devices.gpu.manager import GpuManager
+from zeusd.devices.readings import Reading, Results, split_results
+from zeusd.errors import BadRequest
+from zeusd.sse import KEEPALIVE, Encoder, Sample, chunked
+
+log = Logger()
+
+HEARTBEAT_S = 15.0
+STALL_LIMIT_S = 30.0
+
+
+class Sampler(Protocol):
+    """Reads one sample of the given devices (None: nothing to publish yet)."""
+
+    def reset(self) -> None:
+        """A new polling session begins: forget state from the last one."""
+
+    def sample(self, ids: Sequence[int]) -> "Deferred[Sample | None]": ...
+
+
+class DeviceHealth:
+    """Logs a device's read failure once when it starts and once when it ends."""
+
+    def __init__(self, kind: str) -> None:
+        self._kind = kind
+        self._failing: dict[int, str] = {}
+
+    def update(self, ok: Mapping[int, Any], failed: Mapping[int, DeviceError]) -> None:
+        for i, error in failed.items():
+            if self._failing.get(i) != error.message:
+                self._failing[i] = error.message
+                log.warn("{kind} {id} power read failed: {error}", kind=self._kind, id=i, error=error.message)
+        for i in ok:
+            if self._failing.pop(i, None) is not None:
+                log.info("{kind} {id} power reads recovered", kind=self._kind, id=i)
+
+
+class GpuPowerSampler:
+    def __init__(self, gpus: GpuManager) -> None:
+        self._gpus = gpus
+        self._health = DeviceHealth("GPU")
+        self.reads = 0  # device reads issued, for tests and benchmarks
+
+    def reset(self) -> None:
+        pass
+
+    def sample(self, ids: Sequence[int]) -> "Deferred[Sample | None]":
+        self.reads += len(ids)
+        return self._gpus.read_power(ids, skip_busy=True).addCallback(self._to_sample)
+
+    def _to_sample(self, results: Results[Reading[int]]) -> Sample:
+        ok, failed = split_results(results)
+        self._health.update(ok, failed)
+        stamp = max((r.timestamp_ms for r in ok.values()), default=0) or _wall_ms()
+        return Sample(stamp, ok)
+
+
+class CpuPowerSampler:
+    """Power from the energy delta between consecutive polls (measured interval)."""
+
+    def __init__(self, cpus: CpuManager) -> None:
+        self._cpus = cpus
+        self._previous: dict[int, EnergySample] = {}
+        self._health = DeviceHealth("CPU")
+        self.reads = 0
+
+    def reset(self) -> None:
+        self._previous.clear()
+
+    def sample(self, ids: Sequence[int]) -> "Deferred[Sample | None]":
+        self.reads += len(ids)
+        return self._cpus.sample(ids, skip_busy=True).addCallback(self._to_sample)
+
+    def _to_sample(self, results: Results[EnergySample]) -> Sample | None:
+        ok, failed = split_results(results)
+        self._health.update(ok, failed)
+        readings = {}
+        for i, now in ok.items():
+            before = self._previous.get(i)
+            self._previous[i] = now
+            if before is not None:
+                readings[i] = Reading(power_between(before, now), now.timestamp_ms)
+        if not readings:
+            return None
+        return Sample(max(r.timestamp_ms for r in readings.values()), readings)
+
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@implementer(IPushProducer)
+class Subscriber:
+    """One SSE response: writes frames, or holds the newest while its reader lags."""
+
+    __slots__ = ("request", "channel", "done", "_write", "_chunked", "paused_since", "pending", "_hub")
+
+    def __init__(self, hub: "StreamHub", request: Any, channel: "Channel") -> None:
+        self._hub = hub
+        self.request = request
+        self.channel = channel
+        self.paused_since: float | None = None
+        self.pending: bytes | None = None
+        #: Fires when the stream ends; the web framework holds the response open until then.
+        self.done: Deferred[None] = Deferred()
+        self._chunked = bool(getattr(request, "chunked", False))
+        self._write: Callable[[bytes], None] = request.channel.write
+
+    def send(self, payload: bytes, framed: bytes, now: float) -> None:
+        data = framed if self._chunked else payload
+        if self.paused_since is None:
+            self._write(data)
+            return
+        self.pending = data
+        if now - self.paused_since > STALL_LIMIT_S:
+            log.info("Dropping a stream subscriber stalled for {s:.0f} s", s=now - self.paused_since)
+            self._hub.drop(self)
+
+    # IPushProducer: called by the connection as its buffer fills and drains.
+    def pauseProducing(self) -> None:
+        if self.paused_since is None:
+            self.paused_since = time.monotonic()
+
+    def resumeProducing(self) -> None:
+        self.paused_since = None
+        if self.pending is not None:
+            data, self.pending = self.pending, None
+            self._write(data)
+
+    def stopProducing(self) -> None:
+        self._hub.remove(self)
+
+
+class Channel:
+    """Subscribers sharing a device filter and a format: one encoding per sample."""
+
+    __slots__ = ("key", "ids", "encoder", "subscribers", "last_sent")
+
+    def __init__(self, key: tuple[tuple[int, ...], str], encoder: Encoder) -> None:
+        self.key = key
+        self.ids = key[0]
+        self.encoder = encoder
+        self.subscribers: set[Subscriber] = set()
+        self.last_sent = time.monotonic()
+
+    def publish(self, payload: bytes, now: float) -> None:
+        if not payload:
+            return
+        framed = chunked(payload)
+        self.last_sent = now
+        for subscriber in tuple(self.subscribers):
+            subscriber.send(payload, framed, now)
+
+
+class StreamHub:
+    """The poller and subscribers of one device kind."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        kind: str,
+        sampler: Sampler,
+        poll_hz: int,
+        encoders: Mapping[str, Encoder],
+        default_format: str,
+    ) -> None:
+        self._reactor = reactor
+        self.kind = kind
+        self.sampler = sampler
+        self.period = 1.0 / poll_hz
+        self._encoders = encoders
+        self._default_format = default_format
+        self._channels: dict[tuple[tuple[int, ...], str], Channel] = {}
+        self._wanted: list[int] = []
+        self._loop: LoopingCall | None = None
+        self._latest: tuple[float, Sample] | None = None
+        self.ticks = 0
+
+    # Introspection -----------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._loop is not None
+
+    @property
+    def subscriber_count(self) -> int:
+        return sum(len(c.subscribers) for c in self._channels.values())
+
+    def fresh_sample(self, max_age_s: float) -> Sample | None:
+        """The current session's newest sample, if it is at most ``max_age_s`` old."""
+        if self._loop is None or self._latest is None:
+            return None
+        taken, sample = self._latest
+        return sample if time.monotonic() - taken <= max_age_s else None
+
+    # Subscribing ---------------------------------------------------------------
+
+    def encoder(self, name: str | None) -> tuple[str, Encoder]:
+        name = name or self._default_format
+        encoder = self._encoders.get(name)
+        if encoder is None:
+            raise BadRequest(f"Unknown stream format '{name[:40]}'. Available: {', '.join(self._encoders)}")
+        return name, encoder
+
+    def subscribe(self, request: Any, ids: Sequence[int], format_name: str | None) -> "Deferred[None]":
+        name, encoder = self.encoder(format_name)
+        key = (tuple(ids), name)
+        channel = self._channels.get(key)
+        if channel is None:
+            channel = self._channels[key] = Channel(key, encoder)
+        request.setHeader(b"content-type", b"text/event-stream")
+        request.setHeader(b"cache-control", b"no-cache")
+        request.setHeader(b"x-accel-buffering", b"no")
+        request.write(b"")  # headers now: the client knows it is subscribed
+        subscriber = Subscriber(self, request, channel)
+        channel.subscribers.add(subscriber)
+        request.registerProducer(subscriber, True)
+        request.notifyFinish().addBoth(lambda _: self.remove(subscriber))
+        self._demand_changed()
+        fresh = self.fresh_sample(self.period)
+        if fresh is not None:
+            payload = encoder(fresh, channel.ids)
+            if payload:
+                subscriber.send(payload, chunked(payload), time.monotonic())
+        return subscriber.done
+
+    def remove(self, subscriber: Subscriber) -> None:
+        channel = subscriber.channel
+        if subscriber not in channel.subscribers:
+            return
+        channel.subscribers.discard(subscriber)
+        request = subscriber.request
+        if getattr(request, "producer", None) is subscriber:
+            request.unregisterProducer()
+        if not channel.subscribers:
+            del self._channels[channel.key]
+        self._demand_changed()
+        if not subscriber.done.called:
+            subscriber.done.callback(None)
+
+    def drop(self, subscriber: Subscriber) -> None:
+        """Disconnect a subscriber (stalled, or at shutdown)."""
+        self.remove(subscriber)
+        transport = getattr(subscriber.request.channel, "transport", None)
+        if transport is not None:
+            transport.abortConnection()
+
+    def close_all(self) -> None:
+        """End every stream cleanly (the response finishes with its last chunk) and stop polling."""
+        for channel in list(self._channels.values()):
+            for subscriber in list(channel.subscribers):
+                self.remove(subscriber)
+        self._stop()
+
+    # Polling -------------------------------------------------------------------
+
+    def _demand_changed(self) -> None:
+        self._wanted = sorted({i for key in self._channels for i in key[0]})
+        if self._channels and self._loop is None:
+            self._start()
+        elif not self._channels and self._loop is not None:
+            self._stop()
+
+    def _start(self) -> None:
+        log.info("{kind} power poller started at {hz:g} Hz", kind=self.kind, hz=1 / self.period)
+        self.sampler.reset()
+        self._latest = None
+        loop = self._loop = LoopingCall(self._tick)
+        loop.clock = self._reactor
+        loop.start(self.period, now=True).addErrback(self._loop_failed)
+
+    def _stop(self) -> None:
+        loop, self._loop = self._loop, None
+        if loop is not None and loop.running:
+            loop.stop()
+            log.info("{kind} power poller stopped", kind=self.kind)
+
+    def _loop_failed(self, failure: Failure) -> None:
+        log.failure("{kind} power poller failed; restarting on next demand", failure, kind=self.kind)
+        self._loop = None
+
+    def _tick(self) -> "Deferred[None] | None":
+        self.ticks += 1
+        now = time.monotonic()
+        for channel in self._channels.values():
+            if now - channel.last_sent >= HEARTBEAT_S:
+                channel.publish(KEEPALIVE, now)
+        if not self._wanted:
+            return None
+        loop = self._loop
+        return self.sampler.sample(self._wanted).addCallback(self._publish, loop)
+
+    def _publish(self, sample: Sample | None, loop: LoopingCall | None) -> None:
+        if sample is None or loop is not self._loop:
+            return  # priming, or a tick from a session that has ended
+        now = time.monotonic()
+        self._latest = (now, sample)
+        for channel in tuple(self._channels.values()):
+            channel.publish(channel.encoder(sample, channel.ids), now)

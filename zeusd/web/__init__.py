@@ -1,0 +1,1 @@
+"""The HTTP API: one Klein app per API group, behind one root that routes and guards."""

@@ -1,0 +1,149 @@
+"""The root resource: the request pipeline in front of the group apps.
+
+Every request passes, in this order (spec §3, with the W1 fix: the group is
+classified on the decoded path the router matches, never the raw one):
+
+1. method and path sanity (only GET/POST; no encoded slashes; valid UTF-8);
+2. group of the path disabled → 404 JSON, before any auth;
+3. auth off and ``/auth/...`` → 404 JSON;
+4. ``/discover`` and ``/time`` → served, no token needed;
+5. auth on → bearer token (401) and the group's scope (403);
+6. the group's Klein resource routes the request (no route → 404 JSON).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Mapping, Protocol
+from urllib.parse import unquote_to_bytes
+
+from klein import Klein
+from twisted.logger import Logger
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+
+from zeusd.errors import ApiError, NotFound
+from zeusd.groups import ApiGroup, group_for_path
+from zeusd.web.responses import install_error_handlers, json_response, no_such_route, render_error, to_json
+
+log = Logger()
+
+_EXEMPT = frozenset(("/discover", "/time"))
+_METHODS = frozenset((b"GET", b"POST"))
+
+
+class Authenticator(Protocol):
+    """What the root needs from auth: claims for a header (or ApiError 401),
+    and a scope check (or ApiError 403)."""
+
+    def verify_authorization(self, header: bytes | None) -> Any: ...
+
+    def check_scope(self, claims: Any, group: str) -> None: ...
+
+
+class ZeusdRequest(Request):
+    """A request that remembers when it started and who made it (for the access log)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.started_at = time.monotonic()
+        self.zeusd_user: str | None = None
+
+
+class ZeusdSite(Site):
+    """A Site whose access log is one structured debug line per request."""
+
+    requestFactory = ZeusdRequest
+
+    def log(self, request: Any) -> None:
+        started = getattr(request, "started_at", None)
+        log.debug(
+            "{method} {path} -> {code} ({ms:.2f} ms){user}",
+            method=request.method.decode("ascii", "replace"),
+            path=request.path.decode("utf-8", "replace")[:200],
+            code=request.code,
+            ms=0.0 if started is None else (time.monotonic() - started) * 1000,
+            user="" if getattr(request, "zeusd_user", None) is None else f" user={request.zeusd_user}",
+        )
+
+
+def server_resource(discovery: Mapping[str, Any], authenticator: Authenticator | None) -> IResource:
+    """``/discover``, ``/time`` and ``/auth/whoami``: present whatever is enabled."""
+    app = Klein()
+    install_error_handlers(app)
+    discovery_body = to_json(discovery)
+
+    @app.route("/discover", methods=["GET"])
+    def discover(request: IRequest) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        return discovery_body
+
+    @app.route("/time", methods=["GET"])
+    def now(request: IRequest) -> bytes:
+        return json_response(request, {"timestamp_ms": time.time_ns() // 1_000_000})
+
+    @app.route("/auth/whoami", methods=["GET"])
+    def whoami(request: IRequest) -> bytes:
+        claims = getattr(request, "claims", None)
+        if claims is None:
+            raise ApiError(500, "Claims not found in request extensions.")
+        return json_response(request, claims.whoami_body())
+
+    return app.resource()
+
+
+class ZeusdRoot(Resource):
+    isLeaf = True
+
+    def __init__(
+        self,
+        server: IResource,
+        groups: Mapping[ApiGroup, IResource],
+        authenticator: Authenticator | None,
+    ) -> None:
+        super().__init__()
+        self._server = server
+        self._groups = dict(groups)
+        self._auth = authenticator
+
+    def render(self, request: IRequest) -> bytes | int:
+        try:
+            target = self._route(request)
+        except ApiError as error:
+            return render_error(request, error)
+        rendered: bytes | int = target.render(request)
+        return rendered
+
+    def _route(self, request: IRequest) -> IResource:
+        path = _decoded_path(request)
+        if path is None or request.method not in _METHODS:
+            raise no_such_route(request)
+        group = group_for_path(path)
+        if group is not None and group not in self._groups:
+            raise NotFound(f"API group '{group.value}' is not enabled on this server.")
+        if path.startswith("/auth/") and self._auth is None:
+            raise NotFound("Authentication is not enabled on this server.")
+        if self._auth is not None and path not in _EXEMPT:
+            claims = self._auth.verify_authorization(request.getHeader(b"authorization"))
+            request.claims = claims  # type: ignore[attr-defined]
+            request.zeusd_user = claims.sub  # type: ignore[attr-defined]
+            if group is not None:
+                self._auth.check_scope(claims, group.value)
+        # Hand the group app the decoded path the checks above were made on.
+        request.prepath = []
+        request.postpath = path[1:].encode().split(b"/")
+        return self._groups[group] if group is not None else self._server
+
+
+def _decoded_path(request: IRequest) -> str | None:
+    raw: bytes = request.path
+    if b"%2f" in raw.lower() or not raw.startswith(b"/"):
+        return None
+    try:
+        return unquote_to_bytes(raw).decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+__all__ = ["ZeusdRoot", "ZeusdSite", "server_resource", "NOT_DONE_YET"]
