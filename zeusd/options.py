@@ -55,6 +55,8 @@ class ServeConfig:
     simulate_gpus: int = 4
     simulate_cpus: int = 2
     stream_format: str = "v0.4"
+    sse_keepalive_s: float = 15.0
+    sse_stall_timeout_s: float = 30.0
 
     def enabled(self, group: ApiGroup) -> bool:
         return group in self.enabled_groups
@@ -157,6 +159,8 @@ class ServeOptions(usage.Options):
         ["simulate-gpus", None, "4", "GPUs of the simulated node (with --simulate)."],
         ["simulate-cpus", None, "2", "CPU packages of the simulated node (with --simulate)."],
         ["stream-format", None, "v0.4", "Default SSE event format: v0.4 (snapshot) or v0.5 (per device)."],
+        ["sse-keepalive-s", None, "15", "Seconds of stream silence before a ': keepalive' comment, 1..300."],
+        ["sse-stall-timeout-s", None, "30", "Disconnect a stream reader that has not read for this long, 1..3600."],
     ]
     optFlags: list[list[Any]] = [
         ["simulate", None, "Serve a simulated node (no hardware, no root needed)."],
@@ -214,4 +218,6 @@ class ServeOptions(usage.Options):
             simulate_gpus=_parse_count("simulate-gpus", self["simulate-gpus"], 0, MAX_SIMULATED_DEVICES),
             simulate_cpus=_parse_count("simulate-cpus", self["simulate-cpus"], 0, MAX_SIMULATED_DEVICES),
             stream_format=stream_format,
+            sse_keepalive_s=_parse_count("sse-keepalive-s", self["sse-keepalive-s"], 1, 300),
+            sse_stall_timeout_s=_parse_count("sse-stall-timeout-s", self["sse-stall-timeout-s"], 1, 3600),
         )

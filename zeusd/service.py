@@ -245,7 +245,8 @@ def make_service(config: ServeConfig, reactor: Any = None) -> ZeusdService:
             groups[ApiGroup.GPU_CONTROL] = gpu_control_resource(gpus)
         if config.enabled(ApiGroup.GPU_READ):
             gpu_hub = StreamHub(
-                reactor, "GPU", GpuPowerSampler(gpus), config.gpu_power_poll_hz, GPU_ENCODERS, config.stream_format
+                reactor, "GPU", GpuPowerSampler(gpus), config.gpu_power_poll_hz, GPU_ENCODERS, config.stream_format,
+                config.sse_keepalive_s, config.sse_stall_timeout_s,
             )
             hubs.append(gpu_hub)
             groups[ApiGroup.GPU_READ] = gpu_read_resource(gpus, gpu_hub)
@@ -256,7 +257,8 @@ def make_service(config: ServeConfig, reactor: Any = None) -> ZeusdService:
             log.warn("The cpu-read API group is enabled but no RAPL package was found.")
         cpus = CpuManager(reactor, packages)
         cpu_hub = StreamHub(
-            reactor, "CPU", CpuPowerSampler(cpus), config.cpu_power_poll_hz, CPU_ENCODERS, config.stream_format
+            reactor, "CPU", CpuPowerSampler(cpus), config.cpu_power_poll_hz, CPU_ENCODERS, config.stream_format,
+            config.sse_keepalive_s, config.sse_stall_timeout_s,
         )
         hubs.append(cpu_hub)
         groups[ApiGroup.CPU_READ] = cpu_read_resource(reactor, cpus, cpu_hub, 1.0 / config.cpu_power_poll_hz)

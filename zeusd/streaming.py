@@ -12,7 +12,7 @@ bytes are written to every subscriber in it.
 Slow readers: each subscriber is a streaming producer registered with its
 HTTP connection. While the connection's buffer is full the subscriber is
 paused and keeps only the newest frame, which it sends when resumed; one
-paused for longer than ``STALL_LIMIT_S`` is disconnected. Memory per
+paused for longer than the stall timeout is disconnected. Memory per
 subscriber is therefore bounded by the transport buffer plus one frame.
 """
 
@@ -38,8 +38,6 @@ from zeusd.sse import KEEPALIVE, Encoder, Sample, chunked
 
 log = Logger()
 
-HEARTBEAT_S = 15.0
-STALL_LIMIT_S = 30.0
 
 
 class Sampler(Protocol):
@@ -126,10 +124,10 @@ def _wall_ms() -> int:
 class Subscriber:
     """One SSE response: writes frames, or holds the newest while its reader lags."""
 
-    __slots__ = ("request", "channel", "done", "_write", "_chunked", "paused_since", "pending", "_hub")
+    __slots__ = ("request", "channel", "done", "_write", "_chunked", "paused_since", "pending", "hub")
 
     def __init__(self, hub: "StreamHub", request: Any, channel: "Channel") -> None:
-        self._hub = hub
+        self.hub = hub
         self.request = request
         self.channel = channel
         self.paused_since: float | None = None
@@ -145,9 +143,9 @@ class Subscriber:
             self._write(data)
             return
         self.pending = data
-        if now - self.paused_since > STALL_LIMIT_S:
+        if now - self.paused_since > self.hub.stall_timeout_s:
             log.info("Dropping a stream subscriber stalled for {s:.0f} s", s=now - self.paused_since)
-            self._hub.drop(self)
+            self.hub.drop(self)
 
     # IPushProducer: called by the connection as its buffer fills and drains.
     def pauseProducing(self) -> None:
@@ -161,7 +159,7 @@ class Subscriber:
             self._write(data)
 
     def stopProducing(self) -> None:
-        self._hub.remove(self)
+        self.hub.remove(self)
 
 
 class Channel:
@@ -182,7 +180,12 @@ class Channel:
         framed = chunked(payload)
         self.last_sent = now
         for subscriber in tuple(self.subscribers):
-            subscriber.send(payload, framed, now)
+            try:
+                subscriber.send(payload, framed, now)
+            except Exception:
+                # One broken connection must never stop the stream for the others.
+                log.failure("Dropping a stream subscriber that failed")
+                subscriber.hub.drop(subscriber)
 
 
 class StreamHub:
@@ -196,8 +199,12 @@ class StreamHub:
         poll_hz: int,
         encoders: Mapping[str, Encoder],
         default_format: str,
+        keepalive_s: float = 15.0,
+        stall_timeout_s: float = 30.0,
     ) -> None:
         self._reactor = reactor
+        self.keepalive_s = keepalive_s
+        self.stall_timeout_s = stall_timeout_s
         self.kind = kind
         self.sampler = sampler
         self.period = 1.0 / poll_hz
@@ -272,9 +279,9 @@ class StreamHub:
             subscriber.done.callback(None)
 
     def drop(self, subscriber: Subscriber) -> None:
-        """Disconnect a subscriber (stalled, or at shutdown)."""
+        """Disconnect a subscriber (stalled, or failing)."""
+        transport = getattr(getattr(subscriber.request, "channel", None), "transport", None)
         self.remove(subscriber)
-        transport = getattr(subscriber.request.channel, "transport", None)
         if transport is not None:
             transport.abortConnection()
 
@@ -309,14 +316,19 @@ class StreamHub:
             log.info("{kind} power poller stopped", kind=self.kind)
 
     def _loop_failed(self, failure: Failure) -> None:
-        log.failure("{kind} power poller failed; restarting on next demand", failure, kind=self.kind)
+        log.failure("{kind} power poller failed; restarting it in one period", failure, kind=self.kind)
         self._loop = None
+        self._reactor.callLater(self.period, self._restart)
+
+    def _restart(self) -> None:
+        if self._channels and self._loop is None:
+            self._start()
 
     def _tick(self) -> "Deferred[None] | None":
         self.ticks += 1
         now = time.monotonic()
         for channel in self._channels.values():
-            if now - channel.last_sent >= HEARTBEAT_S:
+            if now - channel.last_sent >= self.keepalive_s:
                 channel.publish(KEEPALIVE, now)
         if not self._wanted:
             return None
