@@ -57,6 +57,12 @@ class ServeConfig:
     stream_format: str = "v0.4"
     sse_keepalive_s: float = 15.0
     sse_stall_timeout_s: float = 30.0
+    tls_cert_path: str | None = None
+    tls_key_path: str | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_path is not None
 
     def enabled(self, group: ApiGroup) -> bool:
         return group in self.enabled_groups
@@ -155,6 +161,8 @@ class ServeOptions(usage.Options):
         ["gpu-power-poll-hz", None, "20", "GPU power streaming rate, 1..1000 Hz."],
         ["cpu-power-poll-hz", None, "10", "CPU power streaming rate, 1..1000 Hz."],
         ["signing-key-path", None, None, "HS256 key file; enables bearer-token auth."],
+        ["tls-cert", None, None, "PEM certificate (chain) for HTTPS in tcp mode."],
+        ["tls-key", None, None, "PEM private key for --tls-cert (not readable by other users)."],
         ["rapl-root", None, "/sys/class/powercap", "Directory holding the intel-rapl zones."],
         ["simulate-gpus", None, "4", "GPUs of the simulated node (with --simulate)."],
         ["simulate-cpus", None, "2", "CPU packages of the simulated node (with --simulate)."],
@@ -196,6 +204,10 @@ class ServeOptions(usage.Options):
         uid = self["socket-uid"]
         gid = self["socket-gid"]
         workers = self["num-workers"]
+        if (self["tls-cert"] is None) != (self["tls-key"] is None):
+            raise usage.UsageError("--tls-cert and --tls-key go together")
+        if self["tls-cert"] is not None and mode != "tcp":
+            raise usage.UsageError("--tls-cert/--tls-key need --mode tcp")
         stream_format = self["stream-format"]
         if stream_format not in ("v0.4", "v0.5"):
             raise usage.UsageError(f"--stream-format: {stream_format!r} is not one of: v0.4, v0.5")
@@ -220,4 +232,6 @@ class ServeOptions(usage.Options):
             stream_format=stream_format,
             sse_keepalive_s=_parse_count("sse-keepalive-s", self["sse-keepalive-s"], 1, 300),
             sse_stall_timeout_s=_parse_count("sse-stall-timeout-s", self["sse-stall-timeout-s"], 1, 3600),
+            tls_cert_path=self["tls-cert"],
+            tls_key_path=self["tls-key"],
         )

@@ -100,6 +100,8 @@ def load_authenticator(config: ServeConfig) -> Authenticator | None:
         if config.mode == "tcp":
             log.warn("Running in TCP mode without authentication: anyone who can reach the port can use every enabled API group.")
         return None
+    if config.mode == "tcp" and not config.tls:
+        log.warn("Bearer tokens will cross the network in clear text: consider --tls-cert/--tls-key.")
     from zeusd.auth import TokenVerifier, load_signing_key
 
     return TokenVerifier(load_signing_key(config.signing_key_path))
@@ -208,10 +210,55 @@ class ZeusdService(MultiService):
         log.info("zeusd stopped")
 
 
+def tls_options(cert_path: str, key_path: str) -> Any:
+    """Server TLS settings from PEM files; TLS 1.2+ and Twisted's default ciphers."""
+    from twisted.internet import ssl
+
+    key_mode = _mode_of(key_path)
+    if key_mode & 0o077:
+        raise StartupError(
+            f"TLS key file '{key_path}' is accessible by other users (mode {key_mode:o}); run: chmod 600 {key_path}"
+        )
+    try:
+        with open(cert_path, "rb") as f:
+            cert_pem = f.read()
+        with open(key_path, "rb") as f:
+            key_pem = f.read()
+        certificate = ssl.PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem)
+        chain = [ssl.Certificate.loadPEM(pem) for pem in _extra_certificates(cert_pem)]
+    except Exception as e:  # OpenSSL reports bad PEM in many ways
+        raise StartupError(f"Cannot load TLS certificate/key: {e}") from None
+    return ssl.CertificateOptions(
+        privateKey=certificate.privateKey.original,
+        certificate=certificate.original,
+        extraCertChain=[c.original for c in chain],
+        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+    )
+
+
+def _mode_of(path: str) -> int:
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError as e:
+        raise StartupError(f"Cannot read TLS key file '{path}': {e.strerror}") from None
+
+
+def _extra_certificates(pem: bytes) -> list[bytes]:
+    marker = b"-----END CERTIFICATE-----"
+    blocks = [block + marker for block in pem.split(marker) if b"-----BEGIN CERTIFICATE-----" in block]
+    return blocks[1:]
+
+
 def make_endpoint(reactor: Any, config: ServeConfig) -> IStreamServerEndpoint:
     if config.mode == "uds":
         return UNIXServerEndpoint(reactor, config.socket_path, backlog=128, mode=config.socket_permissions)
     address = config.tcp_address
+    if config.tls_cert_path is not None and config.tls_key_path is not None:
+        from twisted.internet.endpoints import SSL4ServerEndpoint
+
+        return SSL4ServerEndpoint(
+            reactor, address.port, tls_options(config.tls_cert_path, config.tls_key_path), backlog=128, interface=address.host
+        )
     endpoint_type = TCP6ServerEndpoint if address.is_ipv6 else TCP4ServerEndpoint
     return endpoint_type(reactor, address.port, backlog=128, interface=address.host)
 

@@ -1,0 +1,93 @@
+"""HTTPS in TCP mode: a real TLS handshake, the key file guarded like the signing key."""
+
+from __future__ import annotations
+
+import datetime
+import http.client
+import os
+import ssl
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from tests.daemon import Daemon, Transport, free_tcp_port, run_zeusd
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    key_path.chmod(0o600)
+    return cert_path, key_path
+
+
+def test_https_serves_and_plain_http_does_not(tmp_path: Path) -> None:
+    cert, key = _self_signed(tmp_path)
+    port = free_tcp_port()
+    daemon = Daemon(
+        Transport("tcp", port), ["--simulate", "--tls-cert", str(cert), "--tls-key", str(key)], {}, tmp_path / "log"
+    )
+    daemon.start(wait=False)
+    try:
+        context = ssl.create_default_context(cafile=str(cert))
+        deadline_ok = False
+        for _ in range(200):
+            try:
+                conn = http.client.HTTPSConnection("localhost", port, context=context, timeout=5)
+                conn.request("GET", "/gpu/get_power?gpu_ids=0")
+                response = conn.getresponse()
+                body = response.read()
+                deadline_ok = True
+                break
+            except (ConnectionRefusedError, ssl.SSLError, OSError):
+                import time
+
+                time.sleep(0.05)
+        assert deadline_ok, daemon.log()
+        assert response.status == 200 and b'"power_mw":{"0":' in body
+        plain = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        with pytest.raises((http.client.HTTPException, OSError)):
+            plain.request("GET", "/discover")
+            plain.getresponse().read()
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_tls_key_readable_by_others_is_refused(tmp_path: Path) -> None:
+    cert, key = _self_signed(tmp_path)
+    os.chmod(key, 0o644)
+    result = run_zeusd(
+        ["serve", "--simulate", "--mode", "tcp", "--tcp-bind-address", f"127.0.0.1:{free_tcp_port()}",
+         "--tls-cert", str(cert), "--tls-key", str(key)]
+    )
+    assert result.returncode == 1 and f"chmod 600 {key}" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["--tls-cert", "c.pem"], ["--mode", "uds", "--tls-cert", "c.pem", "--tls-key", "k.pem"]],
+)
+def test_tls_flags_must_pair_with_tcp(extra: list[str]) -> None:
+    args = ["serve", "--simulate", *(["--mode", "tcp"] if "--mode" not in extra else []), *extra]
+    result = run_zeusd(args)
+    assert result.returncode == 2 and "--tls" in result.stderr
