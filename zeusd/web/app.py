@@ -21,11 +21,12 @@ from klein import Klein
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
-from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.server import NOT_DONE_YET, Site
 
 from zeusd.errors import ApiError, NotFound
 from zeusd.groups import ApiGroup, group_for_path
-from zeusd.web.responses import install_error_handlers, json_response, no_such_route, render_error, to_json
+from zeusd.web.limits import BoundedBodyRequest, DeadlineChannel
+from zeusd.web.responses import install_error_handlers, json_body, json_response, no_such_route, render_error, to_json
 
 log = Logger()
 
@@ -42,7 +43,7 @@ class Authenticator(Protocol):
     def check_scope(self, claims: Any, group: str) -> None: ...
 
 
-class ZeusdRequest(Request):
+class ZeusdRequest(BoundedBodyRequest):
     """A request that remembers when it started and who made it (for the access log)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -55,6 +56,7 @@ class ZeusdSite(Site):
     """A Site whose access log is one structured debug line per request."""
 
     requestFactory = ZeusdRequest
+    protocol = DeadlineChannel  # type: ignore[assignment]  # plain HTTP/1.1, no HTTP/2 negotiation
 
     def log(self, request: Any) -> None:
         started = getattr(request, "started_at", None)
@@ -76,8 +78,7 @@ def server_resource(discovery: Mapping[str, Any], authenticator: Authenticator |
 
     @app.route("/discover", methods=["GET"])
     def discover(request: IRequest) -> bytes:
-        request.setHeader(b"content-type", b"application/json")
-        return discovery_body
+        return json_body(request, discovery_body)
 
     @app.route("/time", methods=["GET"])
     def now(request: IRequest) -> bytes:

@@ -19,18 +19,22 @@ def to_json(value: Any) -> bytes:
     return _encoder.encode(value).encode()
 
 
-def json_response(request: IRequest, value: Any, status: int = 200) -> bytes:
+def json_body(request: IRequest, body: bytes, status: int = 200) -> bytes:
+    """A complete JSON response with a Content-Length (no chunked framing)."""
     request.setResponseCode(status)
     request.setHeader(b"content-type", b"application/json")
-    return to_json(value)
+    request.setHeader(b"content-length", b"%d" % len(body))
+    return body
+
+
+def json_response(request: IRequest, value: Any, status: int = 200) -> bytes:
+    return json_body(request, to_json(value), status)
 
 
 def render_error(request: IRequest, error: ApiError) -> bytes:
-    request.setResponseCode(error.status)
-    request.setHeader(b"content-type", b"application/json")
     for name, value in error.headers.items():
         request.setHeader(name.encode(), value.encode())
-    return error.body()
+    return json_body(request, error.body(), error.status)
 
 
 def empty_ok(request: IRequest) -> bytes:
