@@ -154,6 +154,7 @@ class ZeusdService(MultiService):
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
+        raise_fd_limit()
         self.reactor.suggestThreadPoolSize(self.config.num_workers + self._device_count())
         if self.config.mode == "uds":
             prepare_socket_path(self.config.socket_path)
@@ -247,6 +248,17 @@ def _extra_certificates(pem: bytes) -> list[bytes]:
     marker = b"-----END CERTIFICATE-----"
     blocks = [block + marker for block in pem.split(marker) if b"-----BEGIN CERTIFICATE-----" in block]
     return blocks[1:]
+
+
+def raise_fd_limit(wanted: int = 65536) -> None:
+    """Every stream subscriber is a file descriptor: lift the soft limit toward the hard one."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        log.info("Raised the open-file limit from {soft} to {target}", soft=soft, target=target)
 
 
 def make_endpoint(reactor: Any, config: ServeConfig) -> IStreamServerEndpoint:
