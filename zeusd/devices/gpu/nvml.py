@@ -9,7 +9,7 @@ same words as with the Rust daemon) and the v0.5.0 HTTP status.
 from __future__ import annotations
 
 import warnings
-from typing import Final, Sequence
+from typing import Any, Callable, Final, Sequence
 
 from twisted.logger import Logger
 
@@ -189,77 +189,48 @@ class NvmlGPU:
         return self._get_power_usage_mw()
 
     def _get_power_usage_mw(self) -> int:
-        try:
-            mw: int = pynvml.nvmlDeviceGetPowerUsage(self._handle)
-        except pynvml.NVMLError as e:
-            raise nvml_device_error(_code(e)) from e
-        return mw
+        return int(_nvml(pynvml.nvmlDeviceGetPowerUsage, self._handle))
 
     def get_total_energy_mj(self) -> int:
-        try:
-            mj: int = pynvml.nvmlDeviceGetTotalEnergyConsumption(self._handle)
-        except pynvml.NVMLError as e:
-            raise nvml_device_error(_code(e)) from e
-        return mj
+        return int(_nvml(pynvml.nvmlDeviceGetTotalEnergyConsumption, self._handle))
 
     def get_power_limit_mw(self) -> int:
-        try:
-            mw: int = pynvml.nvmlDeviceGetPowerManagementLimit(self._handle)
-        except pynvml.NVMLError as e:
-            raise nvml_device_error(_code(e)) from e
-        return mw
+        return int(_nvml(pynvml.nvmlDeviceGetPowerManagementLimit, self._handle))
 
     def get_power_limit_constraints_mw(self) -> tuple[int, int]:
-        try:
-            low, high = pynvml.nvmlDeviceGetPowerManagementLimitConstraints(self._handle)
-        except pynvml.NVMLError as e:
-            raise nvml_device_error(_code(e)) from e
+        low, high = _nvml(pynvml.nvmlDeviceGetPowerManagementLimitConstraints, self._handle)
         return int(low), int(high)
 
     def get_persistence_mode(self) -> bool:
-        try:
-            mode: int = pynvml.nvmlDeviceGetPersistenceMode(self._handle)
-        except pynvml.NVMLError as e:
-            raise nvml_device_error(_code(e)) from e
-        return mode == _FEATURE_ENABLED
+        return bool(_nvml(pynvml.nvmlDeviceGetPersistenceMode, self._handle) == _FEATURE_ENABLED)
 
     # ---- control (values are passed through; the driver validates them)
 
     def set_persistence_mode(self, enabled: bool) -> None:
-        try:
-            pynvml.nvmlDeviceSetPersistenceMode(self._handle, _FEATURE_ENABLED if enabled else _FEATURE_DISABLED)
-        except pynvml.NVMLError as e:
-            raise nvml_device_error(_code(e)) from e
+        _nvml(pynvml.nvmlDeviceSetPersistenceMode, self._handle, _FEATURE_ENABLED if enabled else _FEATURE_DISABLED)
 
     def set_power_limit_mw(self, power_limit_mw: int) -> None:
-        try:
-            pynvml.nvmlDeviceSetPowerManagementLimit(self._handle, power_limit_mw)
-        except pynvml.NVMLError as e:
-            raise nvml_device_error(_code(e)) from e
+        _nvml(pynvml.nvmlDeviceSetPowerManagementLimit, self._handle, power_limit_mw)
 
     def set_gpu_locked_clocks(self, min_clock_mhz: int, max_clock_mhz: int) -> None:
-        try:
-            pynvml.nvmlDeviceSetGpuLockedClocks(self._handle, min_clock_mhz, max_clock_mhz)
-        except pynvml.NVMLError as e:
-            raise nvml_device_error(_code(e)) from e
+        _nvml(pynvml.nvmlDeviceSetGpuLockedClocks, self._handle, min_clock_mhz, max_clock_mhz)
 
     def reset_gpu_locked_clocks(self) -> None:
-        try:
-            pynvml.nvmlDeviceResetGpuLockedClocks(self._handle)
-        except pynvml.NVMLError as e:
-            raise nvml_device_error(_code(e)) from e
+        _nvml(pynvml.nvmlDeviceResetGpuLockedClocks, self._handle)
 
     def set_mem_locked_clocks(self, min_clock_mhz: int, max_clock_mhz: int) -> None:
-        try:
-            pynvml.nvmlDeviceSetMemoryLockedClocks(self._handle, min_clock_mhz, max_clock_mhz)
-        except pynvml.NVMLError as e:
-            raise nvml_device_error(_code(e)) from e
+        _nvml(pynvml.nvmlDeviceSetMemoryLockedClocks, self._handle, min_clock_mhz, max_clock_mhz)
 
     def reset_mem_locked_clocks(self) -> None:
-        try:
-            pynvml.nvmlDeviceResetMemoryLockedClocks(self._handle)
-        except pynvml.NVMLError as e:
-            raise nvml_device_error(_code(e)) from e
+        _nvml(pynvml.nvmlDeviceResetMemoryLockedClocks, self._handle)
+
+
+def _nvml(function: Callable[..., Any], *args: Any) -> Any:
+    """Call a pynvml function; an NVML failure becomes the DeviceError clients see."""
+    try:
+        return function(*args)
+    except pynvml.NVMLError as e:
+        raise nvml_device_error(_code(e)) from e
 
 
 def _probe_pci_address(index: int, handle: object) -> str:
