@@ -7,7 +7,11 @@ Every error body is JSON: ``{"error": "..."}`` for one problem, or
 from __future__ import annotations
 
 import json
-from typing import Mapping
+from typing import Mapping, TypeVar
+
+from zeusd.devices.base import DeviceError
+
+T = TypeVar("T")
 
 
 class StartupError(Exception):
@@ -40,11 +44,19 @@ class NotFound(ApiError):
 class DeviceErrors(ApiError):
     """One or more devices failed; the status is the worst per-device status."""
 
-    def __init__(self, errors: Mapping[int, tuple[int, str]]) -> None:
-        worst = max(status for status, _ in errors.values())
-        super().__init__(worst, "; ".join(f"{i}: {m}" for i, (_, m) in sorted(errors.items())))
+    def __init__(self, errors: Mapping[int, DeviceError]) -> None:
+        worst = max(e.status for e in errors.values())
+        super().__init__(worst, "; ".join(f"{i}: {e.message}" for i, e in sorted(errors.items())))
         self.errors = dict(errors)
 
     def body(self) -> bytes:
-        payload = {str(i): message for i, (_, message) in sorted(self.errors.items())}
+        payload = {str(i): e.message for i, e in sorted(self.errors.items())}
         return json.dumps({"errors": payload}, separators=(",", ":")).encode()
+
+
+def all_or_errors(results: Mapping[int, T | DeviceError]) -> dict[int, T]:
+    """Every device's result, or DeviceErrors naming each device that failed."""
+    failed = {i: r for i, r in results.items() if isinstance(r, DeviceError)}
+    if failed:
+        raise DeviceErrors(failed)
+    return {i: r for i, r in results.items() if not isinstance(r, DeviceError)}

@@ -41,10 +41,14 @@ def _null(value: int | None) -> str:
     return "null" if value is None else str(int(value))
 
 
-def gpu_snapshot(sample: Sample, ids: Sequence[int]) -> bytes:
+def _snapshot(sample: Sample, ids: Sequence[int], entry: Callable[[Any], str]) -> bytes:
     readings = sample.readings
-    power = ",".join(f'"{i}":{int(readings[i].value)}' for i in ids if i in readings)
+    power = ",".join(f'"{i}":{entry(readings[i].value)}' for i in ids if i in readings)
     return _event(f'{{"timestamp_ms":{sample.timestamp_ms},"power_mw":{{{power}}}}}').encode()
+
+
+def gpu_snapshot(sample: Sample, ids: Sequence[int]) -> bytes:
+    return _snapshot(sample, ids, lambda mw: str(int(mw)))
 
 
 def gpu_per_device(sample: Sample, ids: Sequence[int]) -> bytes:
@@ -61,9 +65,7 @@ def _cpu_entry(power: Any) -> str:
 
 
 def cpu_snapshot(sample: Sample, ids: Sequence[int]) -> bytes:
-    readings = sample.readings
-    power = ",".join(f'"{i}":{_cpu_entry(readings[i].value)}' for i in ids if i in readings)
-    return _event(f'{{"timestamp_ms":{sample.timestamp_ms},"power_mw":{{{power}}}}}').encode()
+    return _snapshot(sample, ids, _cpu_entry)
 
 
 def cpu_per_device(sample: Sample, ids: Sequence[int]) -> bytes:

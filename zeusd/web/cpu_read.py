@@ -12,7 +12,7 @@ from twisted.web.resource import IResource
 
 from zeusd.devices.cpu.manager import CpuManager, EnergySample, PackagePower, power_between
 from zeusd.devices.readings import Results, split_results, wall_clock_ms
-from zeusd.errors import DeviceErrors
+from zeusd.errors import DeviceErrors, all_or_errors
 from zeusd.sse import Sample
 from zeusd.streaming import StreamHub
 from zeusd.web.params import Kind, Param, id_map, parse_query, require_existing, select_known
@@ -27,10 +27,6 @@ def _power_entry(power: PackagePower) -> dict[str, Any]:
     return {"cpu_mw": power.cpu_mw, "dram_mw": power.dram_mw}
 
 
-def _errors(failed: dict[int, Any]) -> DeviceErrors:
-    return DeviceErrors({i: (e.status, e.message) for i, e in failed.items()})
-
-
 def cpu_read_resource(reactor: Any, cpus: CpuManager, streams: StreamHub, window_s: float) -> IResource:
     """``window_s``: how long a one-shot power reading measures when no stream is running."""
     app = Klein()
@@ -42,12 +38,9 @@ def cpu_read_resource(reactor: Any, cpus: CpuManager, streams: StreamHub, window
         ids = require_existing(params["cpu_ids"], "CPU", cpus.ids)
 
         def respond(results: Results[tuple[int | None, int | None]]) -> bytes:
-            ok, failed = split_results(results)
-            if failed:
-                raise _errors(failed)
+            energy = all_or_errors(results)
             return json_response(
-                request,
-                id_map({i: {"cpu_energy_uj": c, "dram_energy_uj": d} for i, (c, d) in ok.items()}),
+                request, id_map({i: {"cpu_energy_uj": c, "dram_energy_uj": d} for i, (c, d) in energy.items()})
             )
 
         return cpus.read_energy(ids, params["cpu"], params["dram"]).addCallback(respond)
@@ -69,7 +62,7 @@ def cpu_read_resource(reactor: Any, cpus: CpuManager, streams: StreamHub, window
         def second(first: Results[EnergySample]) -> "Deferred[dict[str, Any]]":
             ok_first, failed_first = split_results(first)
             if not ok_first:
-                raise _errors(failed_first)
+                raise DeviceErrors(failed_first)
             delay: Deferred[Any] = task.deferLater(reactor, window_s, lambda: None)
             delay.addCallback(lambda _: cpus.sample(list(ok_first)))
             return delay.addCallback(lambda after: _compute(ok_first, failed_first, after))
@@ -80,7 +73,7 @@ def cpu_read_resource(reactor: Any, cpus: CpuManager, streams: StreamHub, window
         ok_after, failed_after = split_results(after)
         failed = {**failed, **failed_after}
         if not ok_after:
-            raise _errors(failed)
+            raise DeviceErrors(failed)
         powers = {i: power_between(before[i], s) for i, s in ok_after.items()}
         body: dict[str, Any] = {
             "timestamp_ms": max(s.timestamp_ms for s in ok_after.values()),

@@ -113,11 +113,7 @@ def gpu_control_resource(gpus: GpuManager) -> IResource:
         waits: list[Deferred[Any]] = [gpus.wait(gpu, d) for gpu, d in done]
 
         def respond(outcomes: list[None | DeviceError]) -> bytes:
-            failed = {
-                gpu: (outcome.status, outcome.message)
-                for (gpu, _), outcome in zip(done, outcomes)
-                if isinstance(outcome, DeviceError)
-            }
+            failed = {gpu: outcome for (gpu, _), outcome in zip(done, outcomes) if isinstance(outcome, DeviceError)}
             if failed:
                 raise DeviceErrors(failed)
             return empty_ok(request)

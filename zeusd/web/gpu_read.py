@@ -11,7 +11,7 @@ from twisted.web.resource import IResource
 from zeusd.devices.gpu.base import GPU
 from zeusd.devices.gpu.manager import GpuManager
 from zeusd.devices.readings import Reading, Results, split_results, wall_clock_ms
-from zeusd.errors import DeviceErrors
+from zeusd.errors import DeviceErrors, all_or_errors
 from zeusd.streaming import StreamHub
 from zeusd.web.params import Kind, Param, id_map, parse_query, require_existing, select_known
 from zeusd.web.responses import install_error_handlers, json_response
@@ -36,10 +36,6 @@ QUEUED_READS: dict[str, tuple[str, Callable[[GPU], Any], Callable[[Any], Any]]] 
 }
 
 
-def errors_of(failed: dict[int, Any]) -> DeviceErrors:
-    return DeviceErrors({i: (e.status, e.message) for i, e in failed.items()})
-
-
 def power_body(results: Results[Reading[int]]) -> dict[str, Any]:
     """A snapshot of the GPUs that answered; failures ride along under ``errors``.
 
@@ -48,7 +44,7 @@ def power_body(results: Results[Reading[int]]) -> dict[str, Any]:
     """
     ok, failed = split_results(results)
     if failed and not ok:
-        raise errors_of(failed)
+        raise DeviceErrors(failed)
     body: dict[str, Any] = {
         "timestamp_ms": max((r.timestamp_ms for r in ok.values()), default=wall_clock_ms()),
         "power_mw": id_map({i: r.value for i, r in ok.items()}),
@@ -74,10 +70,7 @@ def gpu_read_resource(gpus: GpuManager, streams: StreamHub | None) -> IResource:
         ids = require_existing(params["gpu_ids"], "GPU", gpus.ids)
 
         def respond(results: Results[Any]) -> bytes:
-            ok, failed = split_results(results)
-            if failed:
-                raise errors_of(failed)
-            return json_response(request, id_map({i: shape(v) for i, v in ok.items()}))
+            return json_response(request, id_map({i: shape(v) for i, v in all_or_errors(results).items()}))
 
         return gpus.read_queued(ids, read, what).addCallback(respond)
 
