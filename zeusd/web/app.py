@@ -58,6 +58,10 @@ class ZeusdSite(Site):
     requestFactory = ZeusdRequest
     protocol = DeadlineChannel  # type: ignore[assignment]  # plain HTTP/1.1, no HTTP/2 negotiation
 
+    def startFactory(self) -> None:
+        """Skip HTTPFactory's access-log file and its once-a-second date timer:
+        requests are logged through twisted.logger, and an idle daemon wakes no timer."""
+
     def log(self, request: Any) -> None:
         started = getattr(request, "started_at", None)
         log.debug(
