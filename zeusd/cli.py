@@ -22,10 +22,10 @@ from twisted.python import usage
 
 from zeusd import __version__
 from zeusd.errors import StartupError
-from zeusd.options import ServeOptions
+from zeusd.options import ServeOptions, VersionOption
 
 
-class TokenIssueOptions(usage.Options):
+class TokenIssueOptions(VersionOption, usage.Options):
     """zeusd token issue: print a signed bearer token."""
 
     synopsis = "--signing-key-path FILE --user NAME [--scope GROUPS] --expires DURATION"
@@ -55,10 +55,11 @@ class TokenIssueOptions(usage.Options):
             raise usage.UsageError(str(e)) from None
 
 
-class TokenOptions(usage.Options):
+class TokenOptions(VersionOption, usage.Options):
     """zeusd token: manage bearer tokens."""
 
-    synopsis = "issue [options]"
+    def getSynopsis(self) -> str:
+        return "Usage: zeusd token" if self.subCommand else "Usage: zeusd token <subcommand>"
     subCommands = [["issue", None, TokenIssueOptions, "Issue a signed token."]]
 
     def postOptions(self) -> None:
@@ -66,21 +67,17 @@ class TokenOptions(usage.Options):
             raise usage.UsageError("a subcommand is required: issue")
 
 
-class ZeusdOptions(usage.Options):
+class ZeusdOptions(VersionOption, usage.Options):
     """zeusd: GPU and CPU power management and streaming daemon."""
 
-    synopsis = "zeusd <command> [options]"
+    def getSynopsis(self) -> str:
+        return "Usage: zeusd" if self.subCommand else "Usage: zeusd <command> [options]"
     subCommands = [
         ["serve", None, ServeOptions, "Run the daemon."],
         ["token", None, TokenOptions, "Manage bearer tokens."],
     ]
 
-    def opt_version(self) -> None:
-        """Print the version and exit."""
-        print(f"zeusd {__version__}")
-        sys.exit(0)
-
-    opt_V = opt_version
+    opt_V = VersionOption.opt_version
 
     def postOptions(self) -> None:
         if self.subCommand is None:

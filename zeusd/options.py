@@ -141,7 +141,18 @@ def _parse_count(name: str, value: str, low: int, high: int) -> int:
     return number
 
 
-class ServeOptions(usage.Options):
+class VersionOption:
+    """``--version`` prints zeusd's version (usage.Options would print Twisted's)."""
+
+    def opt_version(self) -> None:
+        """Print the version and exit."""
+        from zeusd import __version__
+
+        print(f"zeusd {__version__}")
+        raise SystemExit(0)
+
+
+class ServeOptions(VersionOption, usage.Options):
     """zeusd serve: run the daemon."""
 
     synopsis = "[options]"
