@@ -35,7 +35,7 @@ class SysfsZone:
     def read_raw_uj(self) -> int:
         try:
             with open(self.path / "energy_uj", "rb", buffering=0) as f:
-                return int(f.read(64).strip())
+                return parse_u64(f.read(64))
         except (OSError, ValueError) as e:
             raise io_error(e) from None
 
@@ -43,12 +43,41 @@ class SysfsZone:
     def open(cls, path: Path) -> "SysfsZone":
         """Check the zone's files once; raises OSError/ValueError when unusable."""
         name = (path / "name").read_text().strip()
-        max_range = int((path / "max_energy_range_uj").read_text().strip())
+        max_range = _read_u64(path / "max_energy_range_uj")
         if max_range <= 0:
             raise ValueError(f"max_energy_range_uj is {max_range}")
-        zone = cls(path, name, max_range)
-        int((path / "energy_uj").read_text().strip())
-        return zone
+        _read_u64(path / "energy_uj")
+        return cls(path, name, max_range)
+
+
+def _read_u64(path: Path) -> int:
+    """A counter file at discovery; a parse error names the file (OSError already does)."""
+    try:
+        return parse_u64(path.read_bytes())
+    except ValueError as e:
+        raise ValueError(f"{path.name}: {e}") from None
+
+
+_U64_MAX = (1 << 64) - 1
+
+
+def parse_u64(data: bytes) -> int:
+    """A counter as upstream parses it (Rust ``str::parse::<u64>`` after trimming).
+
+    Python's ``int`` would also take ``-5``, ``1_000`` or non-ASCII digits; a
+    counter file holding any of those is broken and must fail, with Rust's words.
+    """
+    text = data.strip()
+    if not text:
+        raise ValueError("cannot parse integer from empty string")
+    if text.startswith(b"+") and len(text) > 1:
+        text = text[1:]
+    if not text.isdigit():  # bytes.isdigit: ASCII digits only
+        raise ValueError("invalid digit found in string")
+    value = int(text)
+    if value > _U64_MAX:
+        raise ValueError("number too large to fit in target type")
+    return value
 
 
 def _zone_dir(root: Path) -> Path:
