@@ -21,6 +21,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import LoopingCall
@@ -129,11 +130,15 @@ def direct_writer(request: Any) -> Callable[[bytes], None]:
     transport has nothing queued the frame goes straight to the socket, and
     only what the kernel did not take is left to the transport (whose buffer
     and producer pausing then work as usual). Transports without a socket of
-    their own (TLS) always buffer.
+    their own always buffer: a TLS wrapper forwards unknown attributes
+    (``writeSomeData`` included) to the socket beneath it, which would put
+    plaintext on the wire, so only a plain socket transport qualifies.
     """
     channel = request.channel
     buffered: Callable[[bytes], None] = channel.write
     transport = channel.transport
+    if not isinstance(transport, FileDescriptor) or getattr(transport, "TLS", False):
+        return buffered
     send = getattr(transport, "writeSomeData", None)
     if send is None or not hasattr(transport, "_tempDataLen"):
         return buffered
