@@ -1,4 +1,4 @@
-"""The ``zeusd`` command: ``serve`` and ``token issue``.
+"""The ``zeusd`` command: ``serve``, ``token issue``, and the monitoring clients ``watch`` and ``power``.
 
 Exit status: 0 on success, 1 when the daemon cannot start (``Error: ...`` on
 stderr), 2 for usage errors.
@@ -23,6 +23,7 @@ from twisted.python import usage
 from zeusd import __version__
 from zeusd.errors import StartupError
 from zeusd.options import ServeOptions, VersionOption
+from zeusd.watch import PowerOptions, WatchOptions
 
 
 class TokenIssueOptions(VersionOption, usage.Options):
@@ -75,13 +76,15 @@ class ZeusdOptions(VersionOption, usage.Options):
     subCommands = [
         ["serve", None, ServeOptions, "Run the daemon."],
         ["token", None, TokenOptions, "Manage bearer tokens."],
+        ["watch", None, WatchOptions, "Live power of one or more daemons."],
+        ["power", None, PowerOptions, "One power reading of one or more daemons."],
     ]
 
     opt_V = VersionOption.opt_version
 
     def postOptions(self) -> None:
         if self.subCommand is None:
-            raise usage.UsageError("a command is required: serve or token")
+            raise usage.UsageError("a command is required: serve, token, watch or power")
 
 
 def start_logging(level_name: str) -> None:
@@ -139,6 +142,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if options.subCommand == "serve":
         return serve(options.subOptions)
+    if options.subCommand == "watch":
+        from zeusd.watch import run_watch
+
+        return run_watch(options.subOptions)
+    if options.subCommand == "power":
+        from zeusd.watch import run_power
+
+        return run_power(options.subOptions)
     return issue_token(options.subOptions.subOptions)
 
 
