@@ -18,7 +18,7 @@ def test_discover_carries_both_generations_of_keys(sim_daemon: Daemon) -> None:
     assert body["gpu_ids"] == [0, 1, 2, 3]
     assert body["cpu_ids"] == [0, 1]
     assert body["dram_available"] == [True, False]
-    assert body["enabled_api_groups"] == ["gpu-control", "gpu-read", "cpu-read"]
+    assert body["enabled_api_groups"] == ["gpu-control", "gpu-read", "cpu-read", "metrics"]
     assert body["auth_required"] is False
     assert [g["id"] for g in body["gpus"]] == [0, 1, 2, 3]
     assert all(g["name"] and g["pci_address"].count(":") == 2 for g in body["gpus"])

@@ -9,6 +9,8 @@ class ApiGroup(str, enum.Enum):
     GPU_CONTROL = "gpu-control"
     GPU_READ = "gpu-read"
     CPU_READ = "cpu-read"
+    #: ``GET /metrics`` (Prometheus): covers the devices the enabled read groups opened.
+    METRICS = "metrics"
 
     @property
     def needs_root(self) -> bool:
@@ -16,8 +18,8 @@ class ApiGroup(str, enum.Enum):
         return self in (ApiGroup.GPU_CONTROL, ApiGroup.CPU_READ)
 
 
-#: Default for ``--enable``, in the order upstream lists them.
-DEFAULT_GROUPS: tuple[ApiGroup, ...] = (ApiGroup.GPU_CONTROL, ApiGroup.GPU_READ, ApiGroup.CPU_READ)
+#: Default for ``--enable``: upstream's three, in upstream's order, then ours.
+DEFAULT_GROUPS: tuple[ApiGroup, ...] = (ApiGroup.GPU_CONTROL, ApiGroup.GPU_READ, ApiGroup.CPU_READ, ApiGroup.METRICS)
 
 #: Scope names a token may carry (the group names).
 SCOPE_NAMES: frozenset[str] = frozenset(g.value for g in ApiGroup)
@@ -31,4 +33,6 @@ def group_for_path(path: str) -> ApiGroup | None:
         return ApiGroup.GPU_READ
     if path.startswith("/cpu/"):
         return ApiGroup.CPU_READ
+    if path == "/metrics":
+        return ApiGroup.METRICS
     return None

@@ -26,13 +26,15 @@ from zeusd.devices.gpu.base import GPU, GPUBackend
 from zeusd.devices.gpu.manager import GpuManager
 from zeusd.errors import StartupError
 from zeusd.groups import ApiGroup
+from zeusd.metrics import ClockTrackingGPU, DaemonMetrics, Scraper
 from zeusd.options import ServeConfig
 from zeusd.sse import CPU_ENCODERS, GPU_ENCODERS
 from zeusd.streaming import CpuPowerSampler, GpuPowerSampler, StreamHub
-from zeusd.web.app import Authenticator, ZeusdRoot, ZeusdSite, server_resource
+from zeusd.web.app import Authenticator, ZeusdRoot, ZeusdSite, route_paths, server_resource
 from zeusd.web.cpu_read import cpu_read_resource
 from zeusd.web.gpu_control import gpu_control_resource
 from zeusd.web.gpu_read import gpu_read_resource
+from zeusd.web.metrics import metrics_resource
 
 log = Logger()
 
@@ -95,6 +97,11 @@ def discovery_info(config: ServeConfig, gpus: Sequence[GPU], packages: Sequence[
     }
 
 
+def _track_clocks(devices: Sequence[GPU]) -> list[GPU]:
+    """Wrap GPUs so that metrics know the clock ranges this daemon locked."""
+    return [ClockTrackingGPU(g) for g in devices]
+
+
 def load_authenticator(config: ServeConfig) -> Authenticator | None:
     if config.signing_key_path is None:
         if config.mode == "tcp":
@@ -151,9 +158,14 @@ class ZeusdService(MultiService):
         self.cpus: CpuManager | None = None
         self.hubs: list[StreamHub] = []
         self.gpu_backend: GPUBackend | None = None
+        self._listen_attempted = False
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
+        self._listen()
+
+    def _listen(self) -> None:
+        self._listen_attempted = True
         raise_fd_limit()
         self.reactor.suggestThreadPoolSize(self.config.num_workers + self._device_count())
         if self.config.mode == "uds":
@@ -177,6 +189,8 @@ class ZeusdService(MultiService):
 
     def startService(self) -> None:
         super().startService()
+        if not self._listen_attempted:
+            self._listen()  # ``twist`` starts services without privilegedStartService
         if self.cpus is not None:
             self.cpus.start_wrap_guard()
 
@@ -294,9 +308,14 @@ def make_service(config: ServeConfig, reactor: Any = None) -> ZeusdService:
     gpu_devices: Sequence[GPU] = []
     packages: list[CpuPackage] = []
 
+    # ``metrics`` opens no device of its own: it covers what the other groups opened.
+    metrics = DaemonMetrics() if config.enabled(ApiGroup.METRICS) else None
+
     if config.enabled(ApiGroup.GPU_CONTROL) or config.enabled(ApiGroup.GPU_READ):
         gpu_backend = open_gpu_backend(config)
         gpu_devices = gpu_backend.gpus
+        if metrics is not None and config.enabled(ApiGroup.GPU_CONTROL):
+            gpu_devices = _track_clocks(gpu_devices)
         gpus = GpuManager(reactor, gpu_devices)
         if not gpu_devices:
             log.warn("GPU API groups are enabled but no GPU was found.")
@@ -324,7 +343,17 @@ def make_service(config: ServeConfig, reactor: Any = None) -> ZeusdService:
 
     discovery = discovery_info(config, gpu_devices, packages)
     log.info("Discovered devices: {discovery}", discovery=discovery)
-    root = ZeusdRoot(server_resource(discovery, authenticator), groups, authenticator)
+    server = server_resource(discovery, authenticator)
+    if metrics is not None:
+        if gpus is not None:
+            gpus.on_read_error = lambda gpu, what: metrics.device_read_failed("gpu", gpu, what)
+        if cpus is not None:
+            cpus.on_read_error = lambda cpu, what: metrics.device_read_failed("cpu", cpu, what)
+        groups[ApiGroup.METRICS] = metrics_resource(Scraper(reactor, metrics, __version__, gpus, cpus, hubs))
+        routes = route_paths([server, *groups.values()])
+        metrics.known_routes = frozenset(routes)
+        metrics.streaming_routes = frozenset(r for r in routes if r.endswith("/stream_power"))
+    root = ZeusdRoot(server, groups, authenticator, metrics)
     site = ZeusdSite(root, timeout=IDLE_TIMEOUT_S)
     site.noisy = False
     site.displayTracebacks = False

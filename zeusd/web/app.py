@@ -9,12 +9,15 @@ classified on the decoded path the router matches, never the raw one):
 4. ``/discover`` and ``/time`` → served, no token needed;
 5. auth on → bearer token (401) and the group's scope (403);
 6. the group's Klein resource routes the request (no route → 404 JSON).
+
+With the ``metrics`` group on, every request that reaches the root is also
+counted, under its known route or ``other``, when its response ends.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Mapping, Protocol
+from typing import Any, Iterable, Mapping, Protocol
 from urllib.parse import unquote_to_bytes
 
 from klein import Klein
@@ -41,6 +44,25 @@ class Authenticator(Protocol):
     def verify_authorization(self, header: bytes | None) -> Any: ...
 
     def check_scope(self, claims: Any, group: str) -> None: ...
+
+
+class RequestObserver(Protocol):
+    """Request metrics: a bounded route label for a path, and one call per finished request."""
+
+    def route_label(self, path: str | None) -> str: ...
+
+    def observe_request(self, route: str, method: bytes, code: int, seconds: float) -> None: ...
+
+
+def route_paths(resources: Iterable[IResource]) -> set[str]:
+    """The static paths routed by Klein resources: the known endpoints (metrics route labels)."""
+    paths: set[str] = set()
+    for resource in resources:
+        app = getattr(resource, "_app", None)
+        url_map = getattr(app, "url_map", None)
+        if url_map is not None:
+            paths.update(str(rule.rule) for rule in url_map.iter_rules())
+    return paths
 
 
 class ZeusdRequest(BoundedBodyRequest):
@@ -106,19 +128,33 @@ class ZeusdRoot(Resource):
         server: IResource,
         groups: Mapping[ApiGroup, IResource],
         authenticator: Authenticator | None,
+        observer: RequestObserver | None = None,
     ) -> None:
         super().__init__()
         self._server = server
         self._groups = dict(groups)
         self._auth = authenticator
+        self._observer = observer
 
     def render(self, request: IRequest) -> bytes | int:
+        if self._observer is not None:
+            self._observe(request, self._observer)
         try:
             target = self._route(request)
         except ApiError as error:
             return render_error(request, error)
         rendered: bytes | int = target.render(request)
         return rendered
+
+    def _observe(self, request: Any, observer: RequestObserver) -> None:
+        """Count the request when its response ends (finished, or the client went away)."""
+        route = observer.route_label(_decoded_path(request))
+        started: float = getattr(request, "started_at", None) or time.monotonic()
+
+        def done(_: Any) -> None:
+            observer.observe_request(route, request.method, request.code, time.monotonic() - started)
+
+        request.notifyFinish().addBoth(done)
 
     def _route(self, request: IRequest) -> IResource:
         path = _decoded_path(request)
@@ -151,4 +187,4 @@ def _decoded_path(request: IRequest) -> str | None:
         return None
 
 
-__all__ = ["ZeusdRoot", "ZeusdSite", "server_resource", "NOT_DONE_YET"]
+__all__ = ["RequestObserver", "ZeusdRoot", "ZeusdSite", "route_paths", "server_resource", "NOT_DONE_YET"]

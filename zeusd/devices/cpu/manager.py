@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.task import LoopingCall
@@ -64,6 +64,8 @@ class CpuManager:
         self.packages = {p.index: p for p in packages}
         self._reads = SingleFlight(reactor, reactor.getThreadPool())
         self._guard: LoopingCall | None = None
+        #: Called on the reactor thread with (package, what) for every failed read (metrics).
+        self.on_read_error: Callable[[int, str], None] | None = None
 
     @property
     def ids(self) -> list[int]:
@@ -91,6 +93,8 @@ class CpuManager:
 
     def _timed(self, d: "Deferred[Any]", index: int) -> "Deferred[Any]":
         def failed(failure: Failure) -> Any:
+            if self.on_read_error is not None:
+                self.on_read_error(index, "energy read")
             if isinstance(failure.value, DeviceError):
                 raise failure.value
             if failure.check(TimeoutError):

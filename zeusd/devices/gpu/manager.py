@@ -44,6 +44,8 @@ class GpuManager:
         self.gpus = list(gpus)
         self._queues = [SerialExecutor(reactor, f"zeusd-gpu-{gpu.index}") for gpu in self.gpus]
         self._reads = SingleFlight(reactor, reactor.getThreadPool())
+        #: Called on the reactor thread with (gpu, what) for every failed read (metrics).
+        self.on_read_error: Callable[[int, str], None] | None = None
 
     @property
     def ids(self) -> range:
@@ -144,7 +146,14 @@ class GpuManager:
 
     def _with_timeout(self, d: "Deferred[T]", gpu: int, what: str) -> "Deferred[T]":
         d.addTimeout(DEVICE_TIMEOUT_S, self._reactor)
-        d.addErrback(lambda f: _raise(_as_device_error(f, gpu, what)))
+
+        def failed(failure: Failure) -> Any:
+            error = _as_device_error(failure, gpu, what)
+            if self.on_read_error is not None:
+                self.on_read_error(gpu, what)
+            raise error
+
+        d.addErrback(failed)
         return d
 
     def close(self) -> None:
@@ -155,7 +164,3 @@ class GpuManager:
 def _read_power(gpu: GPU) -> Reading[int]:
     value = gpu.get_instant_power_mw()
     return Reading(value, wall_clock_ms())
-
-
-def _raise(error: Exception) -> Any:
-    raise error
