@@ -104,6 +104,23 @@ def test_stalled_reader_is_dropped_while_others_keep_receiving(start_daemon: Dae
     stalled.close()
 
 
+def test_stalled_tcp_reader_at_a_normal_rate_is_noticed_within_seconds(start_daemon: DaemonFactory) -> None:
+    """TCP autotuning would let the kernel queue megabytes (minutes at 20 Hz) before the stall clock starts."""
+    daemon = start_daemon("--simulate", "--gpu-power-poll-hz", "20", "--sse-stall-timeout-s", "1", transport="tcp")
+    # The client's own receive buffer is the client's business; keep it small to see the daemon's side.
+    stalled = socket.socket()
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.connect(("127.0.0.1", int(daemon.transport.address)))
+    stalled.sendall(b"GET /gpu/stream_power HTTP/1.1\r\nHost: x\r\n\r\n")
+    started = time.monotonic()
+    try:
+        while "Dropping a stream subscriber stalled" not in daemon.log():
+            assert time.monotonic() - started < 45, "a stalled TCP reader was not dropped within 45 s"
+            time.sleep(0.2)
+    finally:
+        stalled.close()
+
+
 def test_one_shot_get_power_is_fresh(sim_daemon: Daemon) -> None:
     c = sim_daemon.client
     for _ in range(5):

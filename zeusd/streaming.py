@@ -12,12 +12,16 @@ bytes are written to every subscriber in it.
 Slow readers: each subscriber is a streaming producer registered with its
 HTTP connection. While the connection's buffer is full the subscriber is
 paused and keeps only the newest frame, which it sends when resumed; one
-paused for longer than the stall timeout is disconnected. Memory per
-subscriber is therefore bounded by the transport buffer plus one frame.
+paused for longer than the stall timeout is disconnected. Stream sockets get
+small send buffers (:func:`bound_send_buffers`), so a reader that stops
+reading is noticed within seconds, not after the kernel has queued megabytes
+for it. Memory per subscriber is therefore bounded by those buffers plus one
+frame.
 """
 
 from __future__ import annotations
 
+import socket
 import time
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
@@ -155,6 +159,29 @@ def direct_writer(request: Any) -> Callable[[bytes], None]:
     return write
 
 
+#: Kernel send buffer of a stream socket (Linux doubles it): fixed instead of
+#: TCP autotuning's up to 4 MiB, so at a few hundred bytes a second a stalled
+#: reader fills it within seconds and the stall clock starts. A reader across a
+#: 100 ms round trip still gets over 150 KB/s through it, far above a stream's rate.
+STREAM_SNDBUF_BYTES = 8 * 1024
+
+#: What the transport may hold beyond that before it pauses the subscriber.
+STREAM_TRANSPORT_BUFFER_BYTES = 2 * 1024
+
+
+def bound_send_buffers(transport: Any) -> None:
+    """Shrink a plain socket transport's buffers for a long-lived stream."""
+    if not isinstance(transport, FileDescriptor) or getattr(transport, "TLS", False):
+        return
+    sock = getattr(transport, "socket", None)
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SNDBUF_BYTES)
+        except OSError:
+            pass  # the default buffer still works, the stall is only noticed later
+    transport.bufferSize = STREAM_TRANSPORT_BUFFER_BYTES
+
+
 @implementer(IPushProducer)
 class Subscriber:
     """One SSE response: writes frames, or holds the newest while its reader lags."""
@@ -287,6 +314,7 @@ class StreamHub:
         request.setHeader(b"cache-control", b"no-cache")
         request.setHeader(b"x-accel-buffering", b"no")
         request.write(b"")  # headers now: the client knows it is subscribed
+        bound_send_buffers(request.channel.transport)
         subscriber = Subscriber(self, request, channel)
         channel.subscribers.add(subscriber)
         request.registerProducer(subscriber, True)
