@@ -22,11 +22,11 @@ from twisted.python import usage
 
 from zeusd import __version__
 from zeusd.errors import StartupError
-from zeusd.options import ServeOptions, VersionOption
+from zeusd.options import ServeOptions, SingleValuedParameters, VersionOption
 from zeusd.watch import PowerOptions, WatchOptions
 
 
-class TokenIssueOptions(VersionOption, usage.Options):
+class TokenIssueOptions(SingleValuedParameters, VersionOption, usage.Options):
     """zeusd token issue: print a signed bearer token."""
 
     synopsis = "--signing-key-path FILE --user NAME [--scope GROUPS] --expires DURATION"

@@ -141,6 +141,37 @@ def _parse_count(name: str, value: str, low: int, high: int) -> int:
     return number
 
 
+class _Once:
+    """Dispatch for one single-valued parameter that refuses a second value."""
+
+    def __init__(self, handler: Any, given: set[str]) -> None:
+        self._handler = handler
+        self._given = given
+
+    def __call__(self, name: str, value: str) -> None:
+        if name in self._given:
+            raise usage.UsageError(f"--{name} cannot be used multiple times")
+        self._given.add(name)
+        self._handler.dispatch(name, value)
+
+
+class SingleValuedParameters:
+    """A single-valued flag given twice is a usage error (spec §12.1), not "last one wins".
+
+    Silently taking the last of two ``--mode`` or ``--socket-path`` values
+    hides a mistake in a unit file. Repeatable options (``--enable``,
+    ``--scope``) are ``opt_*`` methods and are not affected.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        given: set[str] = set()
+        dispatch: dict[str, Any] = self._dispatch  # type: ignore[attr-defined]
+        for name, handler in list(dispatch.items()):
+            if isinstance(handler, usage.CoerceParameter):
+                dispatch[name] = _Once(handler, given)
+
+
 class VersionOption:
     """``--version`` prints zeusd's version (usage.Options would print Twisted's)."""
 
@@ -152,7 +183,7 @@ class VersionOption:
         raise SystemExit(0)
 
 
-class ServeOptions(VersionOption, usage.Options):
+class ServeOptions(SingleValuedParameters, VersionOption, usage.Options):
     """zeusd serve: run the daemon."""
 
     synopsis = "[options]"
