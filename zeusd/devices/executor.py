@@ -104,11 +104,14 @@ class SerialExecutor:
 
 
 class SingleFlight:
-    """At most one running call per key; concurrent callers share its result."""
+    """At most one running call per key; concurrent callers share its result.
 
-    def __init__(self, reactor: IReactorFromThreads, pool: Any) -> None:
-        self._reactor = reactor
-        self._pool = pool
+    ``run(fn, *args)`` starts the call off the reactor thread: a thread pool
+    (:func:`on_pool`) or a device's own :meth:`SerialExecutor.submit`.
+    """
+
+    def __init__(self, run: Callable[..., "Deferred[Any]"]) -> None:
+        self._run = run
         self._inflight: dict[Hashable, list[Deferred[Any]]] = {}
 
     def in_flight(self, key: Hashable) -> bool:
@@ -122,7 +125,7 @@ class SingleFlight:
             waiters.append(mine)
             return mine
         self._inflight[key] = [mine]
-        work: Deferred[T] = deferToThreadPool(self._reactor, self._pool, fn, *args)
+        work: Deferred[T] = self._run(fn, *args)
         work.addBoth(self._settle, key)
         return mine
 
@@ -137,6 +140,15 @@ class SingleFlight:
                 waiter.errback(result)
             else:
                 waiter.callback(result)
+
+
+def on_pool(reactor: IReactorFromThreads, pool: Any) -> Callable[..., "Deferred[Any]"]:
+    """A SingleFlight runner on a shared thread pool."""
+
+    def run(fn: Callable[..., Any], *args: Any) -> "Deferred[Any]":
+        return deferToThreadPool(reactor, pool, fn, *args)
+
+    return run
 
 
 def gather(deferreds: Mapping[int, "Deferred[Any]"]) -> "Deferred[Any]":

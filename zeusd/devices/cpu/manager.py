@@ -13,7 +13,7 @@ from twisted.python.failure import Failure
 
 from zeusd.devices.base import DeviceError
 from zeusd.devices.cpu.base import CpuPackage, MonotonicEnergy
-from zeusd.devices.executor import SingleFlight, gather
+from zeusd.devices.executor import SingleFlight, gather, on_pool
 from zeusd.devices.readings import Results, wall_clock_ms
 
 log = Logger()
@@ -62,7 +62,7 @@ class CpuManager:
     def __init__(self, reactor: Any, packages: Sequence[CpuPackage]) -> None:
         self._reactor = reactor
         self.packages = {p.index: p for p in packages}
-        self._reads = SingleFlight(reactor, reactor.getThreadPool())
+        self._reads = SingleFlight(on_pool(reactor, reactor.getThreadPool()))
         self._guard: LoopingCall | None = None
         #: Called on the reactor thread with (package, what) for every failed read (metrics).
         self.on_read_error: Callable[[int, str], None] | None = None

@@ -3,9 +3,11 @@
 * Control commands and queued reads (energy, limits, persistence) of a GPU go
   through that GPU's :class:`SerialExecutor`, strictly in arrival order.
 * Instant-power reads skip the queue (a power reading is independent of a
-  pending control command, and must stay fresh while one runs) and go through
-  :class:`SingleFlight` on the shared reader pool, so concurrent pollers and
-  one-shot requests share one NVML call per GPU.
+  pending control command, and must stay fresh while one runs). They run on
+  the GPU's own reader thread through :class:`SingleFlight`, so concurrent
+  pollers and one-shot requests share one NVML call per GPU, and a GPU whose
+  read hangs ties up only its own thread. (A dedicated thread with a
+  ``SimpleQueue`` also costs a fraction of a shared pool's hand-off.)
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
-from twisted.internet.defer import Deferred, DeferredList, TimeoutError
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, TimeoutError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -32,7 +34,7 @@ DEVICE_TIMEOUT_S = 5.0
 def _as_device_error(failure: Failure, gpu: int, what: str) -> DeviceError:
     if isinstance(failure.value, DeviceError):
         return failure.value
-    if failure.check(TimeoutError):
+    if failure.check(TimeoutError, CancelledError):
         return DeviceError(f"GPU {gpu} did not answer {what} within {DEVICE_TIMEOUT_S:g} s.", 500)
     log.failure("Unexpected error from GPU {gpu} during {what}", failure, gpu=gpu, what=what)
     return DeviceError(f"Unexpected error from GPU {gpu}: {failure.getErrorMessage()}", 500)
@@ -43,7 +45,8 @@ class GpuManager:
         self._reactor = reactor
         self.gpus = list(gpus)
         self._queues = [SerialExecutor(reactor, f"zeusd-gpu-{gpu.index}") for gpu in self.gpus]
-        self._reads = SingleFlight(reactor, reactor.getThreadPool())
+        self._readers = [SerialExecutor(reactor, f"zeusd-gpu-{gpu.index}-power") for gpu in self.gpus]
+        self._power_reads = [SingleFlight(reader.submit) for reader in self._readers]
         #: Called on the reactor thread with (gpu, what) for every failed read (metrics).
         self.on_read_error: Callable[[int, str], None] | None = None
 
@@ -122,11 +125,8 @@ class GpuManager:
 
     def read_queued(self, ids: Iterable[int], read: Callable[[GPU], T], what: str) -> "Deferred[Results[T]]":
         """A read that must see every command queued before it (energy, limits)."""
-        return gather(
-            {
-                gpu: self._with_timeout(self._queues[gpu].submit(read, self.gpus[gpu]), gpu, what)
-                for gpu in dict.fromkeys(ids)
-            }
+        return self._gather_bounded(
+            {gpu: self._queues[gpu].submit(read, self.gpus[gpu]) for gpu in dict.fromkeys(ids)}, what
         )
 
     def read_power(self, ids: Iterable[int], skip_busy: bool = False) -> "Deferred[Results[Reading[int]]]":
@@ -138,27 +138,47 @@ class GpuManager:
         """
         reads: dict[int, Deferred[Reading[int]]] = {}
         for gpu in dict.fromkeys(ids):
-            key = ("power", gpu)
-            if skip_busy and self._reads.in_flight(key):
+            flight = self._power_reads[gpu]
+            if skip_busy and flight.in_flight(_POWER):
                 continue
-            reads[gpu] = self._with_timeout(self._reads.call(key, _read_power, self.gpus[gpu]), gpu, "power read")
-        return gather(reads)
+            reads[gpu] = flight.call(_POWER, _read_power, self.gpus[gpu])
+        return self._gather_bounded(reads, "power read")
 
-    def _with_timeout(self, d: "Deferred[T]", gpu: int, what: str) -> "Deferred[T]":
-        d.addTimeout(DEVICE_TIMEOUT_S, self._reactor)
+    def _gather_bounded(self, reads: "dict[int, Deferred[T]]", what: str) -> "Deferred[Results[T]]":
+        """Every GPU's result, or its error; one timer for the whole request.
 
-        def failed(failure: Failure) -> Any:
-            error = _as_device_error(failure, gpu, what)
-            if self.on_read_error is not None:
-                self.on_read_error(gpu, what)
-            raise error
+        A GPU that has not answered within the bound is given up on (its read
+        goes on and still settles any other waiter) and reported as hung.
+        """
+        for gpu, d in reads.items():
+            d.addErrback(self._read_failed, gpu, what)
+        timer = self._reactor.callLater(DEVICE_TIMEOUT_S, _give_up, list(reads.values())) if reads else None
 
-        d.addErrback(failed)
-        return d
+        def done(results: Results[T]) -> Results[T]:
+            if timer is not None and timer.active():
+                timer.cancel()
+            return results
+
+        return gather(reads).addCallback(done)
+
+    def _read_failed(self, failure: Failure, gpu: int, what: str) -> Any:
+        error = _as_device_error(failure, gpu, what)
+        if self.on_read_error is not None:
+            self.on_read_error(gpu, what)
+        raise error
 
     def close(self) -> None:
-        for q in self._queues:
+        for q in (*self._queues, *self._readers):
             q.stop()
+
+
+_POWER = "power"
+
+
+def _give_up(reads: "list[Deferred[Any]]") -> None:
+    for d in reads:
+        if not d.called:
+            d.cancel()
 
 
 def _read_power(gpu: GPU) -> Reading[int]:
