@@ -9,7 +9,7 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q -e '.[test]' --config-settings editable_mode=compat
 	touch $@
 
-.PHONY: serve test zeus-clients
+.PHONY: serve test zeus-clients bench
 # The official Zeus clients for tests/test_zeus_compat.py; the script skips a venv that is already right.
 zeus-clients:  ## .venv-zeus-0.15 (zeus 0.15.1) and .venv-zeus-0.16 (zeus 0.16.0)
 	PYTHON=$(PYTHON) bash tests/zeus_clients/setup_venvs.sh
@@ -20,3 +20,6 @@ serve: $(VENV)/.installed  ## the daemon on a simulated node, on $(SOCKET)
 test: $(VENV)/.installed zeus-clients  ## type checks, then the whole test suite
 	$(VENV)/bin/mypy zeusd twisted/plugins/zeusd_plugin.py
 	ZEUSD_REQUIRE_ZEUS_CLIENTS=1 $(VENV)/bin/pytest -q
+
+bench: $(VENV)/.installed  ## benchmarks on the stand-in NVML library; results in bench/results/
+	$(VENV)/bin/python bench/run.py
