@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -11,6 +12,12 @@ from tests.daemon import Daemon, Transport, free_tcp_port, terminate
 from tests.rapl_tree import RaplTree
 
 DaemonFactory = Callable[..., Daemon]
+
+# A test run started in the background of a non-interactive shell (``make test &``)
+# inherits SIGINT ignored, and so would every daemon and ``zeusd watch`` it starts;
+# the tests send SIGINT on purpose, so give them the default disposition back.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(params=["unix", "tcp"])
