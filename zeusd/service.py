@@ -167,7 +167,10 @@ class ZeusdService(MultiService):
     def _listen(self) -> None:
         self._listen_attempted = True
         raise_fd_limit()
-        self.reactor.suggestThreadPoolSize(self.config.num_workers + self._device_count())
+        # The shared pool runs RAPL reads and metrics rendering; one thread per
+        # package on top keeps a hung sysfs read from starving the rest. (GPUs
+        # have their own command and power-reader threads.)
+        self.reactor.suggestThreadPoolSize(self.config.num_workers + self._cpu_package_count())
         if self.config.mode == "uds":
             prepare_socket_path(self.config.socket_path)
             old_umask = os.umask(0o177)  # no window with a wider mode before the chmod
@@ -194,8 +197,8 @@ class ZeusdService(MultiService):
         if self.cpus is not None:
             self.cpus.start_wrap_guard()
 
-    def _device_count(self) -> int:
-        return (len(self.gpus.gpus) if self.gpus else 0) + (len(self.cpus.packages) if self.cpus else 0)
+    def _cpu_package_count(self) -> int:
+        return len(self.cpus.packages) if self.cpus else 0
 
     def _where(self) -> str:
         return self.config.socket_path if self.config.mode == "uds" else str(self.config.tcp_address)
