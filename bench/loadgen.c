@@ -198,6 +198,31 @@ static opts_t O = {
     .subscribe_timeout = 60,
 };
 
+/* One row per command-line option: its name, how to parse it, where it goes. */
+typedef enum { OPT_STR, OPT_INT, OPT_LONG, OPT_DOUBLE, OPT_FLAG } opt_kind_t;
+typedef struct {
+    const char *name;
+    opt_kind_t kind;
+    void *target;
+} option_t;
+
+static const option_t OPTIONS[] = {
+    {"--unix", OPT_STR, &O.unix_path},
+    {"--tcp", OPT_STR, &O.tcp},
+    {"--conns", OPT_INT, &O.conns},
+    {"--duration", OPT_DOUBLE, &O.duration},
+    {"--count", OPT_LONG, &O.count},
+    {"--warmup", OPT_DOUBLE, &O.warmup},
+    {"--method", OPT_STR, &O.method},
+    {"--path", OPT_STR, &O.path},
+    {"--path2", OPT_STR, &O.path2},
+    {"--period-ms", OPT_DOUBLE, &O.period_ms},
+    {"--batch", OPT_INT, &O.batch},
+    {"--rcvbuf", OPT_INT, &O.rcvbuf},
+    {"--subscribe-timeout", OPT_DOUBLE, &O.subscribe_timeout},
+    {"--sync", OPT_FLAG, &O.sync},
+};
+
 static struct sockaddr_storage g_addr;
 static socklen_t g_addrlen;
 static int g_family;
@@ -1180,57 +1205,25 @@ int main(int argc, char **argv)
         usage();
     O.mode = argv[1];
     for (int i = 2; i < argc; i++) {
-        const char *a = argv[i];
-        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
-#define NEXT()                                                                                     \
-    do {                                                                                           \
-        if (v == NULL)                                                                             \
-            usage();                                                                               \
-        i++;                                                                                       \
-    } while (0)
-        if (strcmp(a, "--unix") == 0) {
-            NEXT();
-            O.unix_path = v;
-        } else if (strcmp(a, "--tcp") == 0) {
-            NEXT();
-            O.tcp = v;
-        } else if (strcmp(a, "--conns") == 0) {
-            NEXT();
-            O.conns = atoi(v);
-        } else if (strcmp(a, "--duration") == 0) {
-            NEXT();
-            O.duration = atof(v);
-        } else if (strcmp(a, "--count") == 0) {
-            NEXT();
-            O.count = atoll(v);
-        } else if (strcmp(a, "--warmup") == 0) {
-            NEXT();
-            O.warmup = atof(v);
-        } else if (strcmp(a, "--method") == 0) {
-            NEXT();
-            O.method = v;
-        } else if (strcmp(a, "--path") == 0) {
-            NEXT();
-            O.path = v;
-        } else if (strcmp(a, "--path2") == 0) {
-            NEXT();
-            O.path2 = v;
-        } else if (strcmp(a, "--period-ms") == 0) {
-            NEXT();
-            O.period_ms = atof(v);
-        } else if (strcmp(a, "--batch") == 0) {
-            NEXT();
-            O.batch = atoi(v);
-        } else if (strcmp(a, "--rcvbuf") == 0) {
-            NEXT();
-            O.rcvbuf = atoi(v);
-        } else if (strcmp(a, "--subscribe-timeout") == 0) {
-            NEXT();
-            O.subscribe_timeout = atof(v);
-        } else if (strcmp(a, "--sync") == 0) {
-            O.sync = 1;
-        } else {
+        const option_t *opt = NULL;
+        for (size_t k = 0; k < sizeof(OPTIONS) / sizeof(OPTIONS[0]); k++)
+            if (strcmp(argv[i], OPTIONS[k].name) == 0)
+                opt = &OPTIONS[k];
+        if (opt == NULL)
             usage();
+        if (opt->kind == OPT_FLAG) {
+            *(int *)opt->target = 1;
+            continue;
+        }
+        if (++i >= argc)
+            usage();
+        const char *v = argv[i];
+        switch (opt->kind) {
+        case OPT_STR: *(const char **)opt->target = v; break;
+        case OPT_INT: *(int *)opt->target = atoi(v); break;
+        case OPT_LONG: *(long long *)opt->target = atoll(v); break;
+        case OPT_DOUBLE: *(double *)opt->target = atof(v); break;
+        default: usage();
         }
     }
     /* Bounded load: every mode stops by itself. */
