@@ -6,6 +6,7 @@ lifecycle (start listening, shut down cleanly).
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import stat
@@ -196,6 +197,11 @@ class ZeusdService(MultiService):
             self._listen()  # ``twist`` starts services without privilegedStartService
         if self.cpus is not None:
             self.cpus.start_wrap_guard()
+        # What exists now (modules, routes, devices) lives as long as the
+        # process: moving it out of the collector's reach keeps full GC passes
+        # from rescanning it. Under load that cuts the p99 latency of short
+        # requests from ~65 ms to ~13 ms (docs/performance.md).
+        self.reactor.callWhenRunning(gc.freeze)
 
     def _cpu_package_count(self) -> int:
         return len(self.cpus.packages) if self.cpus else 0
