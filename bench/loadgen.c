@@ -700,6 +700,23 @@ static int run_http(void)
 
 /* ------------------------------------------------------------------ sse mode */
 
+#define STDIN_TAG UINT64_MAX
+
+/* With --sync, the measurement window has ended: say so and keep the
+ * connections until the driver writes to stdin. Returns 0 when the run should
+ * just stop. */
+static int hold_after_window(void)
+{
+    if (!O.sync || g_stop_signal)
+        return 0;
+    fprintf(stderr, "END\n");
+    fflush(stderr);
+    set_nonblocking(0);
+    ep_add(0, EPOLLIN, STDIN_TAG);
+    return 1;
+}
+
+
 enum { S_HEAD, S_BODY, S_CLOSED };
 
 typedef struct {
@@ -870,7 +887,6 @@ static int stdin_line_ready(void)
     return r <= 0 || memchr(b, '\n', (size_t)r) != NULL;
 }
 
-#define STDIN_TAG UINT64_MAX
 
 static int run_sse(void)
 {
@@ -923,15 +939,9 @@ static int run_sse(void)
             S.measuring = 0;
             cpu_w1 = cpu_seconds();
             window_end = now;
-            if (O.sync && !g_stop_signal) {
-                fprintf(stderr, "END\n");
-                fflush(stderr);
-                holding = 1;
-                set_nonblocking(0);
-                ep_add(0, EPOLLIN, STDIN_TAG);
-            } else {
+            if (!hold_after_window())
                 break;
-            }
+            holding = 1;
         }
         int timeout_ms = 100;
         if (S.measuring) {
@@ -1048,15 +1058,9 @@ static int run_stall(void)
     for (;;) {
         int64_t now = now_ns(CLOCK_MONOTONIC);
         if (!holding && (now >= end || g_stop_signal)) {
-            if (O.sync && !g_stop_signal) {
-                fprintf(stderr, "END\n");
-                fflush(stderr);
-                holding = 1;
-                set_nonblocking(0);
-                ep_add(0, EPOLLIN, STDIN_TAG);
-            } else {
+            if (!hold_after_window())
                 break;
-            }
+            holding = 1;
         }
         int timeout_ms = holding ? 100 : (int)((end - now) / 1000000) + 1;
         int n = epoll_wait(g_ep, evs, MAX_EVENTS, timeout_ms);
