@@ -20,7 +20,7 @@ import time
 from typing import Any, Callable, Hashable, Mapping, TypeVar
 
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 
@@ -160,6 +160,41 @@ def gather(deferreds: Mapping[int, "Deferred[Any]"]) -> "Deferred[Any]":
         return {i: value if ok else _device_error(value) for i, (ok, value) in zip(ids, results)}
 
     return done.addCallback(collect)
+
+
+def gather_within(
+    reactor: IReactorTime,
+    reads: Mapping[int, "Deferred[Any]"],
+    timeout_s: float,
+    failed: Callable[[Failure, int], DeviceError],
+) -> "Deferred[Any]":
+    """:func:`gather` under one deadline for the whole request.
+
+    A device that has not answered by then is given up on: its Deferred is
+    cancelled (the call itself goes on, and still settles any other waiter),
+    and ``failed`` turns that ``CancelledError``, or the device's own failure,
+    into its DeviceError.
+    """
+    for index, d in reads.items():
+        d.addErrback(_raise_mapped, failed, index)
+    timer = reactor.callLater(timeout_s, _give_up, list(reads.values())) if reads else None
+
+    def done(results: Any) -> Any:
+        if timer is not None and timer.active():
+            timer.cancel()
+        return results
+
+    return gather(reads).addCallback(done)
+
+
+def _raise_mapped(failure: Failure, failed: Callable[[Failure, int], DeviceError], index: int) -> Any:
+    raise failed(failure, index)
+
+
+def _give_up(reads: "list[Deferred[Any]]") -> None:
+    for d in reads:
+        if not d.called:
+            d.cancel()
 
 
 def _device_error(failure: Failure) -> DeviceError:

@@ -6,14 +6,14 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
-from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from zeusd.devices.base import DeviceError
 from zeusd.devices.cpu.base import CpuPackage, MonotonicEnergy
-from zeusd.devices.executor import SingleFlight, gather, on_pool
+from zeusd.devices.executor import SingleFlight, gather_within, on_pool
 from zeusd.devices.readings import Results, wall_clock_ms
 
 log = Logger()
@@ -72,11 +72,9 @@ class CpuManager:
         return list(self.packages)
 
     def read_energy(self, ids: Iterable[int], cpu: bool, dram: bool) -> "Deferred[Results[tuple[int | None, int | None]]]":
-        return gather(
+        return self._gather_bounded(
             {
-                i: self._timed(
-                    self._reads.call(("energy", i, cpu, dram), self.packages[i].read_energy_uj, cpu, dram), i
-                )
+                i: self._reads.call(("energy", i, cpu, dram), self.packages[i].read_energy_uj, cpu, dram)
                 for i in dict.fromkeys(ids)
             }
         )
@@ -88,21 +86,21 @@ class CpuManager:
             key = ("sample", i)
             if skip_busy and self._reads.in_flight(key):
                 continue
-            reads[i] = self._timed(self._reads.call(key, _sample, self.packages[i]), i)
-        return gather(reads)
+            reads[i] = self._reads.call(key, _sample, self.packages[i])
+        return self._gather_bounded(reads)
 
-    def _timed(self, d: "Deferred[Any]", index: int) -> "Deferred[Any]":
-        def failed(failure: Failure) -> Any:
-            if self.on_read_error is not None:
-                self.on_read_error(index, "energy read")
-            if isinstance(failure.value, DeviceError):
-                raise failure.value
-            if failure.check(TimeoutError):
-                raise DeviceError(f"CPU {index} did not answer within {DEVICE_TIMEOUT_S:g} s.")
-            log.failure("Unexpected error from CPU {index}", failure, index=index)
-            raise DeviceError(f"IOError: {failure.getErrorMessage()}")
+    def _gather_bounded(self, reads: "dict[int, Deferred[Any]]") -> "Deferred[Results[Any]]":
+        return gather_within(self._reactor, reads, DEVICE_TIMEOUT_S, self._read_failed)
 
-        return d.addTimeout(DEVICE_TIMEOUT_S, self._reactor).addErrback(failed)
+    def _read_failed(self, failure: Failure, index: int) -> DeviceError:
+        if self.on_read_error is not None:
+            self.on_read_error(index, "energy read")
+        if isinstance(failure.value, DeviceError):
+            return failure.value
+        if failure.check(TimeoutError, CancelledError):
+            return DeviceError(f"CPU {index} did not answer within {DEVICE_TIMEOUT_S:g} s.")
+        log.failure("Unexpected error from CPU {index}", failure, index=index)
+        return DeviceError(f"IOError: {failure.getErrorMessage()}")
 
     # Wraparound guard -------------------------------------------------------
 

@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from zeusd.devices.base import DeviceError
-from zeusd.devices.executor import SerialExecutor, SingleFlight, gather
+from zeusd.devices.executor import SerialExecutor, SingleFlight, gather_within
 from zeusd.devices.gpu.base import GPU
 from zeusd.devices.readings import Reading, Results, wall_clock_ms
 
@@ -145,27 +145,14 @@ class GpuManager:
         return self._gather_bounded(reads, "power read")
 
     def _gather_bounded(self, reads: "dict[int, Deferred[T]]", what: str) -> "Deferred[Results[T]]":
-        """Every GPU's result, or its error; one timer for the whole request.
+        """Every GPU's result or its error, a GPU that outlasts the bound reported as hung."""
 
-        A GPU that has not answered within the bound is given up on (its read
-        goes on and still settles any other waiter) and reported as hung.
-        """
-        for gpu, d in reads.items():
-            d.addErrback(self._read_failed, gpu, what)
-        timer = self._reactor.callLater(DEVICE_TIMEOUT_S, _give_up, list(reads.values())) if reads else None
+        def failed(failure: Failure, gpu: int) -> DeviceError:
+            if self.on_read_error is not None:
+                self.on_read_error(gpu, what)
+            return _as_device_error(failure, gpu, what)
 
-        def done(results: Results[T]) -> Results[T]:
-            if timer is not None and timer.active():
-                timer.cancel()
-            return results
-
-        return gather(reads).addCallback(done)
-
-    def _read_failed(self, failure: Failure, gpu: int, what: str) -> Any:
-        error = _as_device_error(failure, gpu, what)
-        if self.on_read_error is not None:
-            self.on_read_error(gpu, what)
-        raise error
+        return gather_within(self._reactor, reads, DEVICE_TIMEOUT_S, failed)
 
     def close(self) -> None:
         for q in (*self._queues, *self._readers):
@@ -173,12 +160,6 @@ class GpuManager:
 
 
 _POWER = "power"
-
-
-def _give_up(reads: "list[Deferred[Any]]") -> None:
-    for d in reads:
-        if not d.called:
-            d.cancel()
 
 
 def _read_power(gpu: GPU) -> Reading[int]:
