@@ -449,3 +449,31 @@ def test_garbage_in_energy_file_is_a_clear_error(
     assert cpu_uj(daemon, 0) == 20
     rapl_tree.set_energy(0, 18446744073709551615)  # u64::MAX is a valid (if odd) counter
     assert cpu_uj(daemon, 0) == 18446744073709551615
+
+
+def test_a_hanging_energy_file_times_out_alone_and_recovers(start_daemon: DaemonFactory, rapl_tree: RaplTree) -> None:
+    """A read that never returns (a FIFO blocks open until a writer comes) fails after the 5 s bound."""
+    rapl_tree.add_package(0, energy_uj=1_000)
+    rapl_tree.add_package(1, energy_uj=2_000)
+    daemon = start_rapl(start_daemon, rapl_tree.root)
+    fifo = rapl_tree.package_dir(0) / "energy_uj"
+    fifo.unlink()
+    os.mkfifo(fifo)
+    started = time.monotonic()
+    r = daemon.client.get("/cpu/get_cumulative_energy?cpu_ids=0,1&cpu=true&dram=false")
+    assert r.status == 500, r.body
+    assert r.json() == {"errors": {"0": "CPU 0 did not answer within 5 s."}}
+    assert 4 <= time.monotonic() - started < 15
+    # The healthy package answers at once meanwhile.
+    assert cpu_uj(daemon, 1) == 2_000
+    # Release the stuck read (a writer completes its open), then put a real file back.
+    writer = os.open(fifo, os.O_WRONLY)
+    os.write(writer, b"1500\n")
+    os.close(writer)
+    fifo.unlink()
+    rapl_tree.set_energy(0, 3_000)
+    deadline = time.monotonic() + 10
+    while daemon.client.get("/cpu/get_cumulative_energy?cpu_ids=0&cpu=true&dram=false").status != 200:
+        assert time.monotonic() < deadline, daemon.log()
+        time.sleep(0.1)
+    assert cpu_uj(daemon, 0) >= 3_000
