@@ -38,7 +38,7 @@ from twisted.python.failure import Failure
 
 from zeusd.devices.base import DeviceError
 from zeusd.devices.cpu.manager import CpuManager
-from zeusd.devices.executor import gather
+from zeusd.devices.executor import SingleFlight, gather
 from zeusd.devices.gpu.base import GPU
 from zeusd.devices.gpu.manager import GpuManager
 from zeusd.devices.readings import Reading, Results
@@ -257,7 +257,8 @@ class Scraper:
         self._gpus = gpus
         self._cpus = cpus
         self._hubs = list(hubs)
-        self._waiting: list[Deferred[list[Metric]]] | None = None
+        # Any runner will do: the snapshot's reads are already off the reactor thread.
+        self._snapshots = SingleFlight(lambda take: take())
         #: GPUs whose queued scrape read is submitted but has not run yet.
         self._state_pending: set[int] = set()
 
@@ -274,23 +275,9 @@ class Scraper:
 
     def snapshot(self) -> "Deferred[list[Metric]]":
         """This moment's device and health families (shared by concurrent callers)."""
-        mine: Deferred[list[Metric]] = Deferred()
-        if self._waiting is not None:
-            self._waiting.append(mine)
-            return mine
-        self._waiting = [mine]
-        self._take().addBoth(self._settle)
-        return mine
+        return self._snapshots.call("snapshot", self._take)
 
     # Snapshot ------------------------------------------------------------------------
-
-    def _settle(self, result: Any) -> None:
-        waiting, self._waiting = self._waiting or [], None
-        for d in waiting:
-            if isinstance(result, Failure):
-                d.errback(result)
-            else:
-                d.callback(list(result))
 
     def _take(self) -> "Deferred[list[Metric]]":
         started = time.monotonic()

@@ -106,8 +106,9 @@ class SerialExecutor:
 class SingleFlight:
     """At most one running call per key; concurrent callers share its result.
 
-    ``run(fn, *args)`` starts the call off the reactor thread: a thread pool
-    (:func:`on_pool`) or a device's own :meth:`SerialExecutor.submit`.
+    ``run(fn, *args)`` starts the call and returns its Deferred: on a thread
+    pool (:func:`on_pool`), on a device's own :meth:`SerialExecutor.submit`,
+    or directly when ``fn`` is itself asynchronous (a metrics snapshot).
     """
 
     def __init__(self, run: Callable[..., "Deferred[Any]"]) -> None:
@@ -117,7 +118,7 @@ class SingleFlight:
     def in_flight(self, key: Hashable) -> bool:
         return key in self._inflight
 
-    def call(self, key: Hashable, fn: Callable[..., T], *args: Any) -> Deferred[T]:
+    def call(self, key: Hashable, fn: "Callable[..., T | Deferred[T]]", *args: Any) -> Deferred[T]:
         """A Deferred for ``fn(*args)``; cancelling it abandons only this caller's wait."""
         waiters = self._inflight.get(key)
         mine: Deferred[T] = Deferred(lambda d: self._abandon(key, d))
