@@ -125,6 +125,12 @@ def _wall_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def _plain_socket(transport: Any) -> bool:
+    """A transport that owns its socket: not a TLS wrapper, which forwards
+    unknown attributes (``writeSomeData``, ``socket``) to the socket beneath it."""
+    return isinstance(transport, FileDescriptor) and not getattr(transport, "TLS", False)
+
+
 def direct_writer(request: Any) -> Callable[[bytes], None]:
     """A write function for one stream that sends right away when it can.
 
@@ -133,15 +139,13 @@ def direct_writer(request: Any) -> Callable[[bytes], None]:
     thousands of sockets that bookkeeping is most of the cost, so when the
     transport has nothing queued the frame goes straight to the socket, and
     only what the kernel did not take is left to the transport (whose buffer
-    and producer pausing then work as usual). Transports without a socket of
-    their own always buffer: a TLS wrapper forwards unknown attributes
-    (``writeSomeData`` included) to the socket beneath it, which would put
-    plaintext on the wire, so only a plain socket transport qualifies.
+    and producer pausing then work as usual). Other transports (TLS) always
+    buffer: writing past a TLS layer would put plaintext on the wire.
     """
     channel = request.channel
     buffered: Callable[[bytes], None] = channel.write
     transport = channel.transport
-    if not isinstance(transport, FileDescriptor) or getattr(transport, "TLS", False):
+    if not _plain_socket(transport):
         return buffered
     send = getattr(transport, "writeSomeData", None)
     if send is None or not hasattr(transport, "_tempDataLen"):
@@ -171,7 +175,7 @@ STREAM_TRANSPORT_BUFFER_BYTES = 2 * 1024
 
 def bound_send_buffers(transport: Any) -> None:
     """Shrink a plain socket transport's buffers for a long-lived stream."""
-    if not isinstance(transport, FileDescriptor) or getattr(transport, "TLS", False):
+    if not _plain_socket(transport):
         return
     sock = getattr(transport, "socket", None)
     if sock is not None:
