@@ -44,10 +44,10 @@ from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
+from zeusd.options import DEFAULT_SOCKET_PATH
+
 log = Logger()
 
-#: Where ``zeusd serve`` listens by default (``--socket-path``).
-DEFAULT_SOCKET_PATH = "/var/run/zeusd.sock"
 #: Every one-shot request is given up after this long (the official client's httpx default).
 DEFAULT_TIMEOUT_S = 5.0
 #: An SSE frame larger than this is not a zeusd event: the stream is abandoned.

@@ -20,6 +20,8 @@ from zeusd.groups import DEFAULT_GROUPS, ApiGroup
 
 MAX_POLL_HZ = 1000
 MAX_SIMULATED_DEVICES = 64
+#: Upstream v0.4.0's socket path; the Zeus clients and ``zeusd watch`` look here too.
+DEFAULT_SOCKET_PATH = "/var/run/zeusd.sock"
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,7 @@ class ServeConfig:
     """Everything the service needs, already validated."""
 
     mode: Literal["uds", "tcp"] = "uds"
-    socket_path: str = "/var/run/zeusd.sock"
+    socket_path: str = DEFAULT_SOCKET_PATH
     socket_permissions: int = 0o666
     socket_uid: int | None = None
     socket_gid: int | None = None
@@ -194,7 +196,7 @@ class ServeOptions(SingleValuedParameters, VersionOption, usage.Options):
 
     optParameters: list[list[Any]] = [
         ["mode", None, "uds", "Listener: uds or tcp."],
-        ["socket-path", None, "/var/run/zeusd.sock", "UNIX domain socket path (uds mode)."],
+        ["socket-path", None, DEFAULT_SOCKET_PATH, "UNIX domain socket path (uds mode)."],
         ["socket-permissions", None, "666", "Octal permissions of the socket file (uds mode)."],
         ["socket-uid", None, None, "Owner uid of the socket file (default: unchanged)."],
         ["socket-gid", None, None, "Owner gid of the socket file (default: unchanged)."],
