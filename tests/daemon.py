@@ -6,6 +6,7 @@ one small HTTP client (``http.client`` over either transport), one SSE reader.
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import os
@@ -16,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -258,3 +259,23 @@ def terminate(daemon: Daemon) -> None:
     if daemon.process is not None and daemon.process.poll() is None:
         daemon.process.send_signal(signal.SIGKILL)
         daemon.process.wait()
+
+
+T = TypeVar("T")
+
+
+def wait_until(condition: Callable[[], T], what: str = "condition", timeout: float = 10.0) -> T:
+    """Poll ``condition`` until it returns something truthy, and return that."""
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+    return result
+
+
+def write_signing_key(path: Path, data: bytes | None = None, mode: int = 0o600) -> bytes:
+    """A key file like the seed's recipe (base64 of 32 random bytes + LF) unless ``data`` is given."""
+    data = base64.b64encode(os.urandom(32)) + b"\n" if data is None else data
+    path.write_bytes(data)
+    os.chmod(path, mode)
+    return data

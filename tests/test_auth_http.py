@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import jwt
 import pytest
 
-from tests.daemon import Daemon, Response, Transport, run_zeusd, terminate
+from tests.daemon import Daemon, Response, Transport, run_zeusd, terminate, write_signing_key
 from tests.conftest import DaemonFactory, make_transport
 
 # PyJWT warns about HS384/HS512 keys shorter than the hash; irrelevant for tokens that must fail.
@@ -63,18 +63,10 @@ ENDPOINTS = (
 # --------------------------------------------------------------------------- fixtures and helpers
 
 
-def write_key(path: Path, data: bytes | None = None, mode: int = 0o600) -> bytes:
-    """A key file like the seed's recipe (base64 text + LF) unless ``data`` is given."""
-    data = base64.b64encode(os.urandom(32)) + b"\n" if data is None else data
-    path.write_bytes(data)
-    os.chmod(path, mode)
-    return data
-
-
 @pytest.fixture(scope="module")
 def key_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("key") / "signing.key"
-    write_key(path)
+    write_signing_key(path)
     return path
 
 
@@ -484,7 +476,7 @@ def test_startup_refuses_bad_key_files(
     tmp_path: Path, transport_kind: str, mode: int, data: bytes | None, hint: str
 ) -> None:
     key_file = tmp_path / "weak.key"
-    written = write_key(key_file, data, mode)
+    written = write_signing_key(key_file, data, mode)
     transport: Transport = make_transport(transport_kind, tmp_path)
     result = run_zeusd(["serve", "--simulate", *transport.serve_args, "--signing-key-path", str(key_file)])
     assert result.returncode == 1, (result.stdout, result.stderr)
@@ -499,7 +491,7 @@ def test_startup_refuses_bad_key_files(
 def test_startup_accepts_exactly_32_bytes_group_readable(start_daemon: DaemonFactory, tmp_path: Path) -> None:
     """The boundary of the hardening: 32 bytes of material in a 0640 file is fine."""
     key_file = tmp_path / "ok.key"
-    data = write_key(key_file, base64.b64encode(os.urandom(24)) + b"\n", 0o640)
+    data = write_signing_key(key_file, base64.b64encode(os.urandom(24)) + b"\n", 0o640)
     assert len(data.strip()) == 32
     daemon = start_daemon("--simulate", "--signing-key-path", str(key_file))
     assert daemon.client.get("/gpu/get_power", token=token(data, "a", ["gpu-read"])).status == 200
@@ -512,7 +504,7 @@ def test_startup_missing_and_empty_key(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stderr.strip() == f"Error: Failed to read signing key from '{missing}': No such file or directory (os error 2)"
     empty = tmp_path / "empty.key"
-    write_key(empty, b"")
+    write_signing_key(empty, b"")
     result = run_zeusd(["serve", "--simulate", "--socket-path", sock, "--signing-key-path", str(empty)])
     assert result.returncode == 1 and result.stderr.strip() == f"Error: Signing key file '{empty}' is empty"
     assert not Path(sock).exists()

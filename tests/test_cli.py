@@ -21,7 +21,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import jwt
 import pytest
 
-from tests.daemon import REPO, Client, Transport, free_tcp_port, unprivileged_user
+from tests.daemon import REPO, Client, Transport, free_tcp_port, unprivileged_user, write_signing_key
 
 BIN = Path(sys.executable).parent
 ZEUSD = BIN / "zeusd"
@@ -147,8 +147,7 @@ def test_single_valued_flags_may_not_be_repeated(tmp_path: Path, command: str) -
 @pytest.fixture
 def key_file(tmp_path: Path) -> Path:
     path = tmp_path / "signing.key"
-    path.write_bytes(base64.b64encode(os.urandom(32)) + b"\n")
-    path.chmod(0o600)
+    write_signing_key(path)
     return path
 
 

@@ -7,7 +7,6 @@ a regression fails the test instead of hanging the suite.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Coroutine, Iterator, TypeVar
@@ -19,7 +18,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import deferLater
 
 from tests.conftest import DaemonFactory
-from tests.daemon import Daemon, Transport, free_tcp_port, terminate
+from tests.daemon import Daemon, Transport, free_tcp_port, terminate, write_signing_key
 from zeusd.auth import issue_token
 from zeusd.client import (
     DEFAULT_SOCKET_PATH,
@@ -65,11 +64,8 @@ def address(daemon: Daemon) -> ServerAddress:
 
 
 def write_key(directory: Path) -> tuple[str, bytes]:
-    key = os.urandom(24).hex().encode() + b"\n"  # 49 raw bytes; the daemon signs with exactly these
     path = directory / "zeusd.key"
-    path.write_bytes(key)
-    path.chmod(0o600)
-    return str(path), key
+    return str(path), write_signing_key(path)  # the daemon signs with exactly these raw bytes
 
 
 # --------------------------------------------------------------------------- addresses

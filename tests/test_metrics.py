@@ -8,14 +8,13 @@ import os
 import statistics
 import time
 from pathlib import Path
-from typing import Callable
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from tests.conftest import DaemonFactory
-from tests.daemon import Client, Daemon, run_zeusd, unprivileged_user
+from tests.daemon import Client, Daemon, run_zeusd, unprivileged_user, wait_until, write_signing_key
 from tests.fakenvml import FakeNvml, build_library
 from tests.rapl_tree import RaplTree
 
@@ -56,14 +55,6 @@ def scrape(client: Client, token: str | None = None) -> Scrape:
     assert r.status == 200, r.body[:500]
     assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
     return Scrape(r.body.decode())
-
-
-def wait_until(check: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -308,8 +299,7 @@ def test_simulate_scrape_with_gzip_and_openmetrics(sim_daemon: Daemon) -> None:
 @pytest.fixture
 def key_file(tmp_path: Path) -> Path:
     key = tmp_path / "signing.key"
-    key.write_bytes(os.urandom(32).hex().encode())
-    key.chmod(0o600)
+    write_signing_key(key)
     return key
 
 

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from tests.conftest import DaemonFactory
-from tests.daemon import Daemon, EventStream, Response, Transport, run_zeusd, terminate
+from tests.daemon import Daemon, EventStream, Response, Transport, run_zeusd, terminate, wait_until
 from tests.fakenvml import ENV_LOG, ENV_STATE, FakeNvml, build_library
 
 INVALID = "NVML error: a supplied argument was invalid"
@@ -48,13 +48,6 @@ CONTROL: dict[str, tuple[str, tuple[str, ...]]] = {
 def control_path(endpoint: str, gpu_ids: str, block: bool) -> str:
     params = CONTROL[endpoint][0]
     return f"/gpu/{endpoint}?gpu_ids={gpu_ids}{'&' + params if params else ''}&block={str(block).lower()}"
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def in_thread(fn: Callable[[], Response]) -> tuple[threading.Thread, list[Response]]:

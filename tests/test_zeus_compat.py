@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from tests.daemon import REPO, Daemon, Transport, free_tcp_port, run_zeusd, terminate
+from tests.daemon import REPO, Daemon, Transport, free_tcp_port, run_zeusd, terminate, wait_until
 from tests.fakenvml import FakeNvml, build_library
 from tests.rapl_tree import RaplTree
 
@@ -231,15 +231,8 @@ def endpoint(daemon: Daemon) -> str:
     return str(daemon.transport.address) if daemon.transport.kind == "unix" else f"127.0.0.1:{daemon.transport.address}"
 
 
-def wait_for(condition: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = condition()
-        if last:
-            return last
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+def wait_for(condition: Callable[[], Any], what: str) -> Any:
+    return wait_until(condition, what, timeout=30.0)
 
 
 @dataclass
