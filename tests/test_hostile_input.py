@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import socket
 import time
-from pathlib import Path
 from typing import Iterator
 from urllib.parse import quote_from_bytes
 

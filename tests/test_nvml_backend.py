@@ -36,7 +36,6 @@ from zeusd.devices.gpu.base import GPU, GPUBackend
 from zeusd.devices.gpu.nvml import (
     NVML_ERRORS,
     NvmlBackend,
-    NvmlGPU,
     nvml_device_error,
     nvml_error_message,
     open_nvml_backend,
