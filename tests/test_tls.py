@@ -51,21 +51,10 @@ def test_https_serves_and_plain_http_does_not(tmp_path: Path) -> None:
     )
     daemon.start(wait=False)
     try:
-        context = ssl.create_default_context(cafile=str(cert))
-        deadline_ok = False
-        for _ in range(200):
-            try:
-                conn = http.client.HTTPSConnection("localhost", port, context=context, timeout=5)
-                conn.request("GET", "/gpu/get_power?gpu_ids=0")
-                response = conn.getresponse()
-                body = response.read()
-                deadline_ok = True
-                break
-            except (ConnectionRefusedError, ssl.SSLError, OSError):
-                import time
-
-                time.sleep(0.05)
-        assert deadline_ok, daemon.log()
+        conn = _connect_https(port, ssl.create_default_context(cafile=str(cert)))
+        conn.request("GET", "/gpu/get_power?gpu_ids=0")
+        response = conn.getresponse()
+        body = response.read()
         assert response.status == 200 and b'"power_mw":{"0":' in body
         plain = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
         with pytest.raises((http.client.HTTPException, OSError)):
