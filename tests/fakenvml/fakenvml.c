@@ -205,6 +205,11 @@ typedef struct {
     long long value;
 } inj_t;
 
+/* A locked clock range (nvmlDeviceSet*LockedClocks), or none. */
+typedef struct {
+    long long locked, min, max;
+} clock_lock_t;
+
 typedef struct {
     char name[NAME_LEN];
     char uuid[NAME_LEN];
@@ -217,8 +222,7 @@ typedef struct {
     long long energy_mj, energy_step_mj;
     long long power_limit_mw, min_power_limit_mw, max_power_limit_mw, default_power_limit_mw;
     long long persistence_mode;
-    long long gpu_locked, gpu_locked_min, gpu_locked_max;
-    long long mem_locked, mem_locked_min, mem_locked_max;
+    clock_lock_t gpu_lock, mem_lock; /* graphics and memory locked clocks */
     long long instant_power_supported, power_usage_supported, energy_supported;
     long long lost;
     long long temperature_c;
@@ -419,18 +423,36 @@ static int parse_ll(const char *v, long long *out)
     return 0;
 }
 
-static void parse_clocks(const char *v, long long *locked, long long *lo, long long *hi)
+static void lock_clocks(clock_lock_t *lock, long long lo, long long hi)
+{
+    lock->locked = 1;
+    lock->min = lo;
+    lock->max = hi;
+}
+
+static void unlock_clocks(clock_lock_t *lock)
+{
+    lock->locked = 0;
+    lock->min = 0;
+    lock->max = 0;
+}
+
+/* State file form: "<min> <max>" when locked, anything else ("none") when not. */
+static void parse_clocks(const char *v, clock_lock_t *lock)
 {
     long long a, b;
-    if (sscanf(v, "%lld %lld", &a, &b) == 2) {
-        *locked = 1;
-        *lo = a;
-        *hi = b;
-    } else {
-        *locked = 0;
-        *lo = 0;
-        *hi = 0;
-    }
+    if (sscanf(v, "%lld %lld", &a, &b) == 2)
+        lock_clocks(lock, a, b);
+    else
+        unlock_clocks(lock);
+}
+
+static void render_clocks(FILE *f, int i, const char *key, const clock_lock_t *lock)
+{
+    if (lock->locked)
+        fprintf(f, "gpu.%d.%s %lld %lld\n", i, key, lock->min, lock->max);
+    else
+        fprintf(f, "gpu.%d.%s none\n", i, key);
 }
 
 static void parse_gpu_key(state_t *s, int i, const char *key, const char *v)
@@ -450,11 +472,11 @@ static void parse_gpu_key(state_t *s, int i, const char *key, const char *v)
         return;
     }
     if (strcmp(key, "gpu_locked_clocks") == 0) {
-        parse_clocks(v, &g->gpu_locked, &g->gpu_locked_min, &g->gpu_locked_max);
+        parse_clocks(v, &g->gpu_lock);
         return;
     }
     if (strcmp(key, "mem_locked_clocks") == 0) {
-        parse_clocks(v, &g->mem_locked, &g->mem_locked_min, &g->mem_locked_max);
+        parse_clocks(v, &g->mem_lock);
         return;
     }
     if (strncmp(key, "error.", 6) == 0 && parse_ll(v, &x) == 0) {
@@ -556,14 +578,8 @@ static char *write_state_text(const state_t *s, size_t *len_out)
 #define PUT_INT(fld) fprintf(f, "gpu.%d." #fld " %lld\n", i, g->fld);
         GPU_INT_FIELDS(PUT_INT)
 #undef PUT_INT
-        if (g->gpu_locked)
-            fprintf(f, "gpu.%d.gpu_locked_clocks %lld %lld\n", i, g->gpu_locked_min, g->gpu_locked_max);
-        else
-            fprintf(f, "gpu.%d.gpu_locked_clocks none\n", i);
-        if (g->mem_locked)
-            fprintf(f, "gpu.%d.mem_locked_clocks %lld %lld\n", i, g->mem_locked_min, g->mem_locked_max);
-        else
-            fprintf(f, "gpu.%d.mem_locked_clocks none\n", i);
+        render_clocks(f, i, "gpu_locked_clocks", &g->gpu_lock);
+        render_clocks(f, i, "mem_locked_clocks", &g->mem_lock);
     }
     static const char *const kind_names[] = {"error", "delay", "field_return"};
     for (int i = 0; i < s->ninj; i++) {
@@ -1363,9 +1379,7 @@ EXPORT nvmlReturn_t nvmlDeviceSetGpuLockedClocks(nvmlDevice_t device, unsigned i
     DEVICE_CALL(1, "%u %u", minGpuClockMHz, maxGpuClockMHz);
     if (minGpuClockMHz > maxGpuClockMHz)
         return leave(s, NVML_ERROR_INVALID_ARGUMENT);
-    g->gpu_locked = 1;
-    g->gpu_locked_min = minGpuClockMHz;
-    g->gpu_locked_max = maxGpuClockMHz;
+    lock_clocks(&g->gpu_lock, minGpuClockMHz, maxGpuClockMHz);
     g_dirty = 1;
     return leave(s, NVML_SUCCESS);
 }
@@ -1373,9 +1387,7 @@ EXPORT nvmlReturn_t nvmlDeviceSetGpuLockedClocks(nvmlDevice_t device, unsigned i
 EXPORT nvmlReturn_t nvmlDeviceResetGpuLockedClocks(nvmlDevice_t device)
 {
     DEVICE_CALL(1, NULL);
-    g->gpu_locked = 0;
-    g->gpu_locked_min = 0;
-    g->gpu_locked_max = 0;
+    unlock_clocks(&g->gpu_lock);
     g_dirty = 1;
     return leave(s, NVML_SUCCESS);
 }
@@ -1386,9 +1398,7 @@ EXPORT nvmlReturn_t nvmlDeviceSetMemoryLockedClocks(nvmlDevice_t device, unsigne
     DEVICE_CALL(1, "%u %u", minMemClockMHz, maxMemClockMHz);
     if (minMemClockMHz > maxMemClockMHz)
         return leave(s, NVML_ERROR_INVALID_ARGUMENT);
-    g->mem_locked = 1;
-    g->mem_locked_min = minMemClockMHz;
-    g->mem_locked_max = maxMemClockMHz;
+    lock_clocks(&g->mem_lock, minMemClockMHz, maxMemClockMHz);
     g_dirty = 1;
     return leave(s, NVML_SUCCESS);
 }
@@ -1396,9 +1406,7 @@ EXPORT nvmlReturn_t nvmlDeviceSetMemoryLockedClocks(nvmlDevice_t device, unsigne
 EXPORT nvmlReturn_t nvmlDeviceResetMemoryLockedClocks(nvmlDevice_t device)
 {
     DEVICE_CALL(1, NULL);
-    g->mem_locked = 0;
-    g->mem_locked_min = 0;
-    g->mem_locked_max = 0;
+    unlock_clocks(&g->mem_lock);
     g_dirty = 1;
     return leave(s, NVML_SUCCESS);
 }
@@ -1414,13 +1422,13 @@ static int current_clock(const gpu_t *g, unsigned int type, unsigned int *out)
     switch (type) {
     case NVML_CLOCK_GRAPHICS:
     case NVML_CLOCK_SM:
-        *out = (unsigned int)(g->gpu_locked ? clamp_ll(g->gpu_locked_max, MIN_GRAPHICS_CLOCK_MHZ,
-                                                       MAX_GRAPHICS_CLOCK_MHZ)
-                                            : MAX_GRAPHICS_CLOCK_MHZ);
+        *out = (unsigned int)(g->gpu_lock.locked
+                                  ? clamp_ll(g->gpu_lock.max, MIN_GRAPHICS_CLOCK_MHZ, MAX_GRAPHICS_CLOCK_MHZ)
+                                  : MAX_GRAPHICS_CLOCK_MHZ);
         return 0;
     case NVML_CLOCK_MEM:
-        *out = (unsigned int)(g->mem_locked ? clamp_ll(g->mem_locked_max, 0, MEMORY_CLOCK_MHZ)
-                                            : MEMORY_CLOCK_MHZ);
+        *out = (unsigned int)(g->mem_lock.locked ? clamp_ll(g->mem_lock.max, 0, MEMORY_CLOCK_MHZ)
+                                                 : MEMORY_CLOCK_MHZ);
         return 0;
     case NVML_CLOCK_VIDEO:
         *out = 1755;
