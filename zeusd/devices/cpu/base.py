@@ -37,7 +37,8 @@ class MonotonicEnergy:
     ``max_energy_range_uj``); a smaller step backwards is a faulty reading,
     which is absorbed so the reported value never decreases. One shared
     instance serves every reader of the zone, so each read also helps catch
-    wraps for the others.
+    wraps for the others; every read is serialized with its bookkeeping, so a
+    reader can never apply a raw value older than one already applied.
     """
 
     def __init__(self, zone: EnergyZone) -> None:
@@ -49,8 +50,10 @@ class MonotonicEnergy:
         self.last_read_at = float("-inf")
 
     def read_uj(self) -> int:
-        raw = self.zone.read_raw_uj()
+        # The raw read is inside the lock: two readers that read in one order and
+        # booked in the other would make the newer value look like a step back.
         with self._lock:
+            raw = self.zone.read_raw_uj()
             last = self._last_raw
             if last is not None and raw < last:
                 if last - raw > self.zone.max_energy_range_uj // 2:
@@ -79,6 +82,10 @@ class CpuPackage:
     @property
     def dram_available(self) -> bool:
         return self.dram is not None
+
+    @property
+    def zones(self) -> tuple[MonotonicEnergy, ...]:
+        return (self.package,) if self.dram is None else (self.package, self.dram)
 
     def read_energy_uj(self, cpu: bool = True, dram: bool = True) -> tuple[int | None, int | None]:
         cpu_uj = self.package.read_uj() if cpu else None
