@@ -13,21 +13,12 @@ adding an encoder to a table; the poller never changes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-from zeusd.devices.readings import Reading
+from zeusd.devices.readings import Sample
 
 #: An SSE comment: ignored by every client, keeps proxies and readers sure the stream is alive.
 KEEPALIVE = b": keepalive\n\n"
-
-
-@dataclass(frozen=True, slots=True)
-class Sample:
-    """The readings of one poll: device id → value stamped at its read."""
-
-    timestamp_ms: int
-    readings: Mapping[int, Reading[Any]]
 
 
 Encoder = Callable[[Sample, Sequence[int]], bytes]

@@ -3,9 +3,10 @@
 One :class:`StreamHub` per device kind owns one ``LoopingCall``. It starts
 when the first subscriber arrives and stops when the last one leaves, so an
 idle daemon reads no device and wakes no timer. Each tick reads the union of
-the devices subscribers asked for, once, off the reactor thread; a tick that
-outlasts its period makes ``LoopingCall`` skip the missed ticks instead of
-overlapping them. Subscribers with the same filter and format share one
+the devices subscribers asked for, once, off the reactor thread, and
+publishes within its period whatever answered in time: a slow or hung device
+is left out of the ticks it misses and never holds up the others (see
+:mod:`zeusd.devices.sampling`). Subscribers with the same filter and format share one
 channel: a sample is encoded (and chunk-framed) once per channel and the same
 bytes are written to every subscriber in it.
 
@@ -22,8 +23,7 @@ frame.
 from __future__ import annotations
 
 import socket
-import time
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred
@@ -31,98 +31,15 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.iweb import IRequest
 from zope.interface import implementer
 
-from zeusd.devices.base import DeviceError
-from zeusd.devices.cpu.manager import CpuManager, EnergySample, power_between
-from zeusd.devices.gpu.manager import GpuManager
-from zeusd.devices.readings import Reading, Results, split_results
+from zeusd.devices.readings import Sample
+from zeusd.devices.sampling import TICK_DEADLINE_SHARE, Sampler
 from zeusd.errors import BadRequest
-from zeusd.sse import KEEPALIVE, Encoder, Sample, chunked
+from zeusd.sse import KEEPALIVE, Encoder, chunked
 
 log = Logger()
 
-
-
-class Sampler(Protocol):
-    """Reads one sample of the given devices (None: nothing to publish yet)."""
-
-    def reset(self) -> None:
-        """A new polling session begins: forget state from the last one."""
-
-    def sample(self, ids: Sequence[int]) -> "Deferred[Sample | None]": ...
-
-
-class DeviceHealth:
-    """Logs a device's read failure once when it starts and once when it ends."""
-
-    def __init__(self, kind: str) -> None:
-        self._kind = kind
-        self._failing: dict[int, str] = {}
-
-    def update(self, ok: Mapping[int, Any], failed: Mapping[int, DeviceError]) -> None:
-        for i, error in failed.items():
-            if self._failing.get(i) != error.message:
-                self._failing[i] = error.message
-                log.warn("{kind} {id} power read failed: {error}", kind=self._kind, id=i, error=error.message)
-        for i in ok:
-            if self._failing.pop(i, None) is not None:
-                log.info("{kind} {id} power reads recovered", kind=self._kind, id=i)
-
-
-class GpuPowerSampler:
-    def __init__(self, gpus: GpuManager) -> None:
-        self._gpus = gpus
-        self._health = DeviceHealth("GPU")
-        self.reads = 0  # device reads issued, for tests and benchmarks
-
-    def reset(self) -> None:
-        pass
-
-    def sample(self, ids: Sequence[int]) -> "Deferred[Sample | None]":
-        self.reads += len(ids)
-        return self._gpus.read_power(ids, skip_busy=True).addCallback(self._to_sample)
-
-    def _to_sample(self, results: Results[Reading[int]]) -> Sample:
-        ok, failed = split_results(results)
-        self._health.update(ok, failed)
-        stamp = max((r.timestamp_ms for r in ok.values()), default=0) or _wall_ms()
-        return Sample(stamp, ok)
-
-
-class CpuPowerSampler:
-    """Power from the energy delta between consecutive polls (measured interval)."""
-
-    def __init__(self, cpus: CpuManager) -> None:
-        self._cpus = cpus
-        self._previous: dict[int, EnergySample] = {}
-        self._health = DeviceHealth("CPU")
-        self.reads = 0
-
-    def reset(self) -> None:
-        self._previous.clear()
-
-    def sample(self, ids: Sequence[int]) -> "Deferred[Sample | None]":
-        self.reads += len(ids)
-        return self._cpus.sample(ids, skip_busy=True).addCallback(self._to_sample)
-
-    def _to_sample(self, results: Results[EnergySample]) -> Sample | None:
-        ok, failed = split_results(results)
-        self._health.update(ok, failed)
-        readings = {}
-        for i, now in ok.items():
-            before = self._previous.get(i)
-            self._previous[i] = now
-            if before is not None:
-                readings[i] = Reading(power_between(before, now), now.timestamp_ms)
-        if not readings:
-            return None
-        return Sample(max(r.timestamp_ms for r in readings.values()), readings)
-
-
-def _wall_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def _plain_socket(transport: Any) -> bool:
@@ -204,6 +121,7 @@ class Subscriber:
         self._write: Callable[[bytes], None] = direct_writer(request)
 
     def send(self, payload: bytes, framed: bytes, now: float) -> None:
+        """Write a frame now, or keep it as the newest while paused (``now``: the hub's clock)."""
         data = framed if self._chunked else payload
         if self.paused_since is None:
             self._write(data)
@@ -216,7 +134,7 @@ class Subscriber:
     # IPushProducer: called by the connection as its buffer fills and drains.
     def pauseProducing(self) -> None:
         if self.paused_since is None:
-            self.paused_since = time.monotonic()
+            self.paused_since = self.hub.now()
 
     def resumeProducing(self) -> None:
         self.paused_since = None
@@ -233,12 +151,12 @@ class Channel:
 
     __slots__ = ("key", "ids", "encoder", "subscribers", "last_sent")
 
-    def __init__(self, key: tuple[tuple[int, ...], str], encoder: Encoder) -> None:
+    def __init__(self, key: tuple[tuple[int, ...], str], encoder: Encoder, now: float) -> None:
         self.key = key
         self.ids = key[0]
         self.encoder = encoder
         self.subscribers: set[Subscriber] = set()
-        self.last_sent = time.monotonic()
+        self.last_sent = now
 
     def publish(self, payload: bytes, now: float) -> None:
         if not payload:
@@ -282,6 +200,10 @@ class StreamHub:
         self._latest: tuple[float, Sample] | None = None
         self.ticks = 0
 
+    def now(self) -> float:
+        """The hub's clock (the reactor's), for keepalives and stall timeouts."""
+        return float(self._reactor.seconds())
+
     # Introspection -----------------------------------------------------------
 
     @property
@@ -297,7 +219,7 @@ class StreamHub:
         if self._loop is None or self._latest is None:
             return None
         taken, sample = self._latest
-        return sample if time.monotonic() - taken <= max_age_s else None
+        return sample if self.now() - taken <= max_age_s else None
 
     # Subscribing ---------------------------------------------------------------
 
@@ -313,7 +235,7 @@ class StreamHub:
         key = (tuple(ids), name)
         channel = self._channels.get(key)
         if channel is None:
-            channel = self._channels[key] = Channel(key, encoder)
+            channel = self._channels[key] = Channel(key, encoder, self.now())
         request.setHeader(b"content-type", b"text/event-stream")
         request.setHeader(b"cache-control", b"no-cache")
         request.setHeader(b"x-accel-buffering", b"no")
@@ -328,7 +250,7 @@ class StreamHub:
         if fresh is not None:
             payload = encoder(fresh, channel.ids)
             if payload:
-                subscriber.send(payload, chunked(payload), time.monotonic())
+                subscriber.send(payload, chunked(payload), self.now())
         return subscriber.done
 
     def remove(self, subscriber: Subscriber) -> None:
@@ -352,12 +274,16 @@ class StreamHub:
         if transport is not None:
             transport.abortConnection()
 
-    def close_all(self) -> None:
-        """End every stream cleanly (the response finishes with its last chunk) and stop polling."""
+    def close_all(self) -> int:
+        """End every stream cleanly (the response finishes with its last chunk) and stop polling;
+        returns how many streams were ended."""
+        ended = 0
         for channel in list(self._channels.values()):
             for subscriber in list(channel.subscribers):
                 self.remove(subscriber)
+                ended += 1
         self._stop()
+        return ended
 
     # Polling -------------------------------------------------------------------
 
@@ -391,21 +317,24 @@ class StreamHub:
         if self._channels and self._loop is None:
             self._start()
 
-    def _tick(self) -> "Deferred[None] | None":
+    def _tick(self) -> None:
         self.ticks += 1
-        now = time.monotonic()
+        now = self.now()
         for channel in self._channels.values():
             if now - channel.last_sent >= self.keepalive_s:
                 channel.publish(KEEPALIVE, now)
         if not self._wanted:
-            return None
-        loop = self._loop
-        return self.sampler.sample(self._wanted).addCallback(self._publish, loop)
+            return
+        # Not returned to the LoopingCall: the next tick comes on time whatever the devices do.
+        sampled = self.sampler.sample(self._wanted, self.period * TICK_DEADLINE_SHARE)
+        sampled.addCallback(self._publish, self._loop).addErrback(
+            lambda f: log.failure("{kind} power sample failed", f, kind=self.kind)
+        )
 
     def _publish(self, sample: Sample | None, loop: LoopingCall | None) -> None:
         if sample is None or loop is not self._loop:
             return  # priming, or a tick from a session that has ended
-        now = time.monotonic()
+        now = self.now()
         self._latest = (now, sample)
         for channel in tuple(self._channels.values()):
             channel.publish(channel.encoder(sample, channel.ids), now)

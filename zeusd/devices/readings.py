@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Generic, Mapping, TypeVar, Union
+from typing import Any, Generic, Mapping, TypeVar, Union
 
 from zeusd.devices.base import DeviceError
 
@@ -22,6 +22,14 @@ class Reading(Generic[T]):
 
     value: T
     timestamp_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """The readings of one poll: device id → value stamped at its read."""
+
+    timestamp_ms: int
+    readings: Mapping[int, Reading[Any]]
 
 
 #: What a multi-device operation yields: each device's result or its error.

@@ -1,0 +1,130 @@
+"""Test doubles for the deterministic tests: executors that run a call when the test says so,
+a reactor with a clock and fake sockets, and a request that records a stream.
+
+Nothing here sleeps or starts a thread: time is ``task.Clock`` time, and a
+device call runs exactly when the test calls :meth:`ManualExecutor.run_next`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+
+
+class ManualExecutor:
+    """An :class:`zeusd.devices.executor.Executor` whose calls run when the test runs them."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.queue: list[tuple[Deferred[Any], Callable[..., Any], tuple[Any, ...]]] = []
+        self.started = False
+        self.stopped = False
+        self._idle_waiters: list[Deferred[None]] = []
+
+    @property
+    def pending(self) -> int:
+        return len(self.queue)
+
+    def start(self) -> None:
+        assert not self.started, f"{self.name} started twice"
+        self.started = True
+
+    def stop(self) -> None:
+        self.stopped = True
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.queue.append((d, fn, args))
+        return d
+
+    def when_idle(self) -> Deferred[None]:
+        if not self.queue:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._idle_waiters.append(d)
+        return d
+
+    def run_next(self) -> Any:
+        """Run the oldest queued call now, on the test's thread, and fire its Deferred."""
+        assert self.started and self.queue, f"{self.name}: nothing to run (started={self.started})"
+        d, fn, args = self.queue.pop(0)
+        try:
+            result = fn(*args)
+        except BaseException:
+            d.errback(Failure())
+        else:
+            d.callback(result)
+        if not self.queue:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def run_all(self) -> None:
+        while self.queue:
+            self.run_next()
+
+
+class ManualExecutors:
+    """An ExecutorFactory that keeps every executor it made, by thread name."""
+
+    def __init__(self) -> None:
+        self.made: dict[str, ManualExecutor] = {}
+
+    def __call__(self, name: str) -> ManualExecutor:
+        executor = self.made[name] = ManualExecutor(name)
+        return executor
+
+    def __getitem__(self, name: str) -> ManualExecutor:
+        return self.made[name]
+
+
+class TestReactor(MemoryReactorClock):
+    """MemoryReactorClock with the thread-related calls the daemon makes at start."""
+
+    __test__ = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool_size: int | None = None
+
+    def suggestThreadPoolSize(self, size: int) -> None:
+        self.pool_size = size
+
+    def callFromThread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        f(*args, **kwargs)
+
+
+class StreamRequest:
+    """Just enough of a twisted.web request for a stream subscriber: records what it is sent."""
+
+    chunked = False
+
+    def __init__(self) -> None:
+        self.headers: dict[bytes, bytes] = {}
+        self.written: list[bytes] = []
+        self.producer: Any = None
+        self.finished: Deferred[None] = Deferred()
+        self.channel = self
+        self.transport = None
+
+    def setHeader(self, name: bytes, value: bytes) -> None:
+        self.headers[name.lower()] = value
+
+    def write(self, data: bytes) -> None:
+        if data:
+            self.written.append(data)
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def notifyFinish(self) -> Deferred[None]:
+        return self.finished
+
+    def events(self) -> list[bytes]:
+        return [frame for data in self.written for frame in data.split(b"\n\n") if frame.startswith(b"data: ")]

@@ -1,0 +1,293 @@
+"""The concurrency core, deterministically: executors, shared reads, bounded gathers,
+stream ticks that never wait for a slow device, and the RAPL wraparound guard.
+
+Time is ``task.Clock`` time; device reads are Deferreds the test fires (or
+never fires), or calls that block on an Event until the test releases them.
+No test sleeps, and none asserts on wall-clock time.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+import pytest
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+from tests.manual import ManualExecutors, StreamRequest
+from zeusd.devices.base import DeviceError
+from zeusd.devices.cpu.base import CpuPackage
+from zeusd.devices.cpu.manager import CpuManager, wrap_guard_interval
+from zeusd.devices.cpu.service import CpuService
+from zeusd.devices.executor import SerialExecutor, SingleFlight, gather_within
+from zeusd.devices.readings import Reading, Sample
+from zeusd.devices.sampling import TICK_DEADLINE_SHARE, Round
+from zeusd.sse import GPU_ENCODERS
+from zeusd.streaming import StreamHub
+
+
+def outcome(d: Deferred[Any]) -> Any:
+    """The result a fired Deferred holds (asserting it fired); takes it (call once per Deferred)."""
+    box: list[Any] = []
+    d.addBoth(box.append)
+    assert box, "the Deferred has not fired"
+    return box[0]
+
+
+# SerialExecutor: a real thread, driven by events --------------------------------------
+
+
+class QueuedReactor:
+    """callFromThread collects the callbacks; the test delivers them on its own thread."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
+        self.arrived = threading.Condition()
+
+    def callFromThread(self, f: Callable[..., Any], *args: Any) -> None:
+        with self.arrived:
+            self.calls.append((f, args))
+            self.arrived.notify_all()
+
+    def deliver(self, count: int) -> None:
+        with self.arrived:
+            assert self.arrived.wait_for(lambda: len(self.calls) >= count, timeout=10)
+            calls, self.calls = self.calls[:count], self.calls[count:]
+        for f, args in calls:
+            f(*args)
+
+
+def test_serial_executor_starts_no_thread_until_started() -> None:
+    reactor = QueuedReactor()
+    threads = threading.active_count()
+    executor = SerialExecutor(reactor, "test-executor")  # type: ignore[arg-type]
+    ran: list[int] = []
+    d = executor.submit(ran.append, 1)
+    assert threading.active_count() == threads and ran == [] and executor.pending == 1
+    executor.start()
+    reactor.deliver(1)
+    assert ran == [1] and outcome(d) is None and executor.pending == 0
+    executor.stop()
+
+
+def test_serial_executor_runs_in_order_one_at_a_time_and_reports_idle() -> None:
+    reactor = QueuedReactor()
+    executor = SerialExecutor(reactor, "test-executor")  # type: ignore[arg-type]
+    executor.start()
+    release = threading.Event()
+    order: list[str] = []
+
+    def blocking() -> str:
+        order.append("first started")
+        release.wait(10)
+        order.append("first done")
+        return "first"
+
+    first = executor.submit(blocking)
+    second = executor.submit(lambda: order.append("second") or "second")
+    failing = executor.submit(lambda: 1 // 0)
+    idle = executor.when_idle()
+    assert executor.pending == 3 and not idle.called
+    release.set()
+    reactor.deliver(3)
+    assert order == ["first started", "first done", "second"]
+    assert outcome(first) == "first" and outcome(second) == "second"
+    failure = outcome(failing)
+    assert isinstance(failure, Failure) and failure.check(ZeroDivisionError)
+    assert idle.called and executor.pending == 0
+    executor.stop()
+
+
+# SingleFlight and gather_within ------------------------------------------------------------
+
+
+def test_single_flight_shares_one_call_and_lets_a_caller_leave() -> None:
+    started: list[Deferred[int]] = []
+
+    def run(fn: Callable[..., Any], *args: Any) -> Deferred[int]:
+        d: Deferred[int] = Deferred()
+        started.append(d)
+        return d
+
+    flight = SingleFlight(run)
+    a, b = flight.call("k", int), flight.call("k", int)
+    other = flight.call("other", int)
+    assert len(started) == 2 and flight.in_flight("k")
+    b.cancel()
+    left = outcome(b)
+    assert isinstance(left, Failure) and left.check(CancelledError)
+    started[0].callback(7)
+    assert outcome(a) == 7 and not flight.in_flight("k")
+    started[1].errback(Failure(DeviceError("broken")))
+    assert outcome(other).value.message == "broken"
+    flight.call("k", int)
+    assert len(started) == 3  # a settled key starts a new call
+
+
+def test_gather_within_reports_the_late_device_alone_and_cancels_its_timer() -> None:
+    clock = Clock()
+    fast, slow, broken = Deferred[int](), Deferred[int](), Deferred[int]()
+
+    def failed(failure: Failure, index: int) -> DeviceError:
+        if failure.check(CancelledError):
+            return DeviceError(f"{index} hung")
+        return DeviceError(f"{index}: {failure.getErrorMessage()}")
+
+    done = gather_within(clock, {0: fast, 1: slow, 2: broken}, 5.0, failed)
+    fast.callback(10)
+    broken.errback(Failure(ValueError("bad")))
+    clock.advance(4.9)
+    assert not done.called
+    clock.advance(0.1)
+    results = outcome(done)
+    assert results[0] == 10 and results[1].message == "1 hung" and results[2].message == "2: bad"
+    quick = gather_within(clock, {0: succeed(1)}, 5.0, failed)
+    assert outcome(quick) == {0: 1} and clock.getDelayedCalls() == []
+
+
+# Stream rounds: a slow device never holds up the others --------------------------------------
+
+
+class Devices:
+    """Per-device reads the test answers; a device in ``hung`` never answers."""
+
+    def __init__(self) -> None:
+        self.reads: dict[int, list[Deferred[int]]] = {}
+
+    def read(self, index: int) -> Deferred[int]:
+        d: Deferred[int] = Deferred()
+        self.reads.setdefault(index, []).append(d)
+        return d
+
+    def answer(self, index: int, value: int) -> None:
+        pending = [d for d in self.reads.get(index, []) if not d.called]
+        pending[0].callback(value)
+
+
+def make_round(clock: Clock, devices: Devices) -> Round[int]:
+    return Round(clock, devices.read, lambda f, i: DeviceError(f"{i} failed"), lambda i: DeviceError(f"{i} hung"), 5.0)
+
+
+def test_round_publishes_at_its_deadline_without_the_slow_device() -> None:
+    clock, devices = Clock(), Devices()
+    round_ = make_round(clock, devices)
+    first = round_.collect([0, 1], 0.04)
+    devices.answer(0, 100)
+    assert not first.called
+    clock.advance(0.04)
+    assert outcome(first) == {0: 100}
+    second = round_.collect([0, 1], 0.04)
+    assert len(devices.reads[1]) == 1  # still in flight: not asked again
+    devices.answer(0, 101)
+    assert outcome(second) == {0: 101}  # all that was asked answered: no need to wait
+    devices.answer(1, 500)  # late: kept for the next round
+    third = round_.collect([0, 1], 0.04)
+    devices.answer(0, 102)
+    devices.answer(1, 501)
+    assert outcome(third) == {0: 102, 1: 501}
+
+
+def test_round_reports_a_hung_device_once_and_takes_it_back() -> None:
+    clock, devices = Clock(), Devices()
+    round_ = make_round(clock, devices)
+    reports = []
+    for _ in range(200):  # 10 s at 20 Hz
+        d = round_.collect([0, 1], 0.04)
+        devices.answer(0, 1)
+        clock.advance(0.05)
+        reports.append(outcome(d))
+    hung = [r[1] for r in reports if 1 in r]
+    assert [e.message for e in hung] == ["1 hung"] and all(r[0] == 1 for r in reports)
+    devices.answer(1, 42)
+    d = round_.collect([0, 1], 0.04)
+    devices.answer(0, 1)
+    clock.advance(0.04)  # device 1's next read is running again; its late answer goes out now
+    assert outcome(d) == {0: 1, 1: 42}
+
+
+class ScriptedSampler:
+    """A sampler over Rounds whose device 1 takes ``slow_s`` per read (None: never answers)."""
+
+    def __init__(self, clock: Clock, slow_s: float | None) -> None:
+        self.clock = clock
+        self.slow_s = slow_s
+        self.round: Round[Reading[int]] = Round(clock, self._read, lambda f, i: DeviceError("x"), lambda i: DeviceError("hung"), 5.0)
+
+    def reset(self) -> None:
+        self.round.reset()
+
+    def _read(self, index: int) -> Deferred[Reading[int]]:
+        reading = Reading(100 + index, int(self.clock.seconds() * 1000))
+        if index != 1:
+            return succeed(reading)
+        d: Deferred[Reading[int]] = Deferred()
+        if self.slow_s is not None:
+            self.clock.callLater(self.slow_s, d.callback, reading)
+        return d
+
+    def sample(self, ids: Any, within_s: float) -> Deferred[Sample | None]:
+        def to_sample(results: dict[int, Any]) -> Sample:
+            ok = {i: r for i, r in results.items() if isinstance(r, Reading)}
+            return Sample(int(self.clock.seconds() * 1000), ok)
+
+        return self.round.collect(ids, within_s).addCallback(to_sample)
+
+
+@pytest.mark.parametrize("slow_s", [None, 4.0], ids=["hung", "4 s per read"])
+def test_healthy_devices_keep_their_full_rate_while_one_is_slow(slow_s: float | None) -> None:
+    clock = Clock()
+    hub = StreamHub(clock, "GPU", ScriptedSampler(clock, slow_s), 20, GPU_ENCODERS, "v0.5", 15.0, 30.0)
+    request = subscribe(hub, [0, 1, 2])
+    for _ in range(30 * 20):  # 30 s of ticks
+        clock.advance(0.05)
+    events = [e.decode() for e in request.events()]
+    per_device = {i: sum(f'"gpu_id":{i},' in e for e in events) for i in range(3)}
+    assert per_device[0] >= 0.9 * 30 * 20 and per_device[2] == per_device[0]
+    if slow_s is None:
+        assert per_device[1] == 0
+    else:
+        assert 30 / slow_s - 1 <= per_device[1] <= 30 / slow_s + 1  # it rejoins after every answer
+    assert TICK_DEADLINE_SHARE < 1
+
+
+def subscribe(hub: StreamHub, ids: list[int]) -> StreamRequest:
+    request = StreamRequest()
+    hub.subscribe(request, ids, None)
+    return request
+
+
+# The RAPL wraparound guard ---------------------------------------------------------------
+
+
+class CountingZone:
+    def __init__(self, name: str, max_range: int) -> None:
+        self.name = name
+        self.max_energy_range_uj = max_range
+        self.reads = 0
+
+    def read_raw_uj(self) -> int:
+        self.reads += 1
+        return self.reads
+
+
+def test_wrap_guard_reads_idle_zones_at_half_the_shortest_wrap_time() -> None:
+    clock, executors = Clock(), ManualExecutors()
+    zone = CountingZone("package-0", 262_143_328_850)
+    cpus = CpuManager(clock, executors)
+    service = CpuService(clock, cpus, lambda: [CpuPackage(0, zone, None)], None)
+    service.startService()
+    interval = wrap_guard_interval([cpus.packages[0].package])
+    assert interval == pytest.approx(131.07, abs=0.01)
+    executor = executors["zeusd-cpu-0"]
+    clock.advance(interval)
+    assert executor.pending == 1  # one guard read queued
+    clock.advance(interval)
+    assert executor.pending == 1  # behind a read that has not run, nothing piles up
+    executor.run_next()
+    assert zone.reads == 1
+    clock.advance(interval)
+    assert executor.pending == 0  # read moments ago (on the device's clock): not stale
+    service.stopService()
+    assert clock.getDelayedCalls() == [] and executor.stopped
