@@ -1,18 +1,16 @@
-# twistd -ny tac/zeusd.tac
+# twistd -ny tac/zeusd.tac   (or without -n to daemonize; add --pidfile/--logfile)
 #
 # Options come from $ZEUSD_ARGS, parsed by the same ServeOptions that
-# `zeusd serve` and `twist zeusd` use, e.g.:
+# `zeusd serve` and `twist zeusd` use; without it, exactly the defaults of
+# `zeusd serve` (never a simulated node). For a demo:
 #   ZEUSD_ARGS="--simulate --socket-path /tmp/zeusd.sock" twistd -ny tac/zeusd.tac
-import shlex
 import os
+import shlex
 
 from twisted.application.service import Application
 
-from zeusd.options import ServeOptions
-from zeusd.service import make_service
-
-options = ServeOptions()
-options.parseOptions(shlex.split(os.environ.get("ZEUSD_ARGS", "--simulate")))
+from zeusd.cli import parse_serve_options
+from zeusd.service import make_daemon
 
 application = Application("zeusd")
-make_service(options.config()).setServiceParent(application)
+make_daemon(parse_serve_options(shlex.split(os.environ.get("ZEUSD_ARGS", ""))).config()).setServiceParent(application)

@@ -9,6 +9,7 @@ from typing import Callable, Iterator
 import pytest
 
 from tests.daemon import Daemon, Transport, free_tcp_port, terminate
+from tests.fakenvml import FakeNvml, build_library
 from tests.rapl_tree import RaplTree
 
 DaemonFactory = Callable[..., Daemon]
@@ -67,3 +68,11 @@ def sim_daemon(request: pytest.FixtureRequest, module_tmp: Path) -> Iterator[Dae
 @pytest.fixture
 def rapl_tree(tmp_path: Path) -> RaplTree:
     return RaplTree(tmp_path / "powercap")
+
+
+@pytest.fixture
+def fake(tmp_path: Path) -> FakeNvml:
+    """The stand-in NVML library with 4 default GPUs, for daemons started with ``env=fake.env()``."""
+    nvml = FakeNvml(tmp_path / "nvml.state", tmp_path / "nvml.log", build_library())
+    nvml.create(4)
+    return nvml

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -117,6 +118,10 @@ def test_help_and_version() -> None:
         (["serve", "--tcp-bind-address", "127.0.0.1:99999"], "--tcp-bind-address"),
         (["serve", "--mode"], "mode"),
         (["token", "issue", "--user", "a", "--expires", "1h"], "--signing-key-path"),
+        (
+            ["token", "issue", "--signing-key-path", "k", "--user", "a", "--expires", "1h"],
+            "--scope is required (a token without scopes can do nothing): gpu-control, gpu-read, cpu-read, metrics",
+        ),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else None,
 )
@@ -152,7 +157,9 @@ def key_file(tmp_path: Path) -> Path:
 
 
 def issue(key_file: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return zeusd("token", "issue", "--signing-key-path", str(key_file), *args)
+    """``zeusd token issue`` with this key (and ``--scope gpu-read`` unless the test gives scopes)."""
+    scope = () if "--scope" in args else ("--scope", "gpu-read")
+    return zeusd("token", "issue", "--signing-key-path", str(key_file), *args, *scope)
 
 
 def test_token_issue_prints_only_the_token(key_file: Path) -> None:
@@ -189,7 +196,7 @@ def test_token_issue_durations(key_file: Path, expires: str, seconds: int) -> No
     after = time.time()
     assert r.returncode == 0, r.stderr
     claims = jwt.decode(r.stdout.strip(), key_file.read_bytes(), algorithms=["HS256"])
-    assert claims["scopes"] == []  # --scope omitted
+    assert claims["scopes"] == ["gpu-read"]
     assert int(before) + seconds <= claims["exp"] <= int(after) + seconds
 
 
@@ -218,13 +225,13 @@ def test_token_issue_unknown_scope(key_file: Path, scope: str) -> None:
 
 def test_token_issue_key_problems(tmp_path: Path, key_file: Path) -> None:
     missing = tmp_path / "missing.key"
-    r = zeusd("token", "issue", "--signing-key-path", str(missing), "--user", "u", "--expires", "1h")
+    r = zeusd("token", "issue", "--signing-key-path", str(missing), "--user", "u", "--expires", "1h", "--scope", "cpu-read")
     assert r.returncode == 1 and r.stdout == ""
     assert error_lines(r.stderr) == [
         f"Error: Failed to read signing key from '{missing}': No such file or directory (os error 2)"
     ]
     # The key is read before --expires is parsed (§12.8 order of work).
-    r = zeusd("token", "issue", "--signing-key-path", str(missing), "--user", "u", "--expires", "1x")
+    r = zeusd("token", "issue", "--signing-key-path", str(missing), "--user", "u", "--expires", "1x", "--scope", "cpu-read")
     assert "Failed to read signing key" in r.stderr
     secret = key_file.read_text().strip()
     key_file.chmod(0o644)
@@ -234,7 +241,7 @@ def test_token_issue_key_problems(tmp_path: Path, key_file: Path) -> None:
     short = tmp_path / "short.key"
     short.write_bytes(b"tooshort\n")
     short.chmod(0o600)
-    r = zeusd("token", "issue", "--signing-key-path", str(short), "--user", "u", "--expires", "1h")
+    r = zeusd("token", "issue", "--signing-key-path", str(short), "--user", "u", "--expires", "1h", "--scope", "cpu-read")
     assert r.returncode == 1 and r.stdout == "" and "too short" in r.stderr and "tooshort" not in r.stderr
 
 
@@ -319,10 +326,24 @@ def _euid_of(pid: int) -> int:
     raise AssertionError("no Uid line")
 
 
+def test_gpu_read_needs_no_root_but_needs_its_gpus(empty_lib_dir: str) -> None:
+    """Unprivileged, gpu-read passes the root check; asked for explicitly, missing GPUs stop startup."""
+    argv, user = unprivileged_command(["serve", "--enable", "gpu-read", "--mode", "tcp", "--tcp-bind-address", f"127.0.0.1:{free_tcp_port()}"])
+    r = subprocess.run(
+        argv, user=user, cwd=REPO, capture_output=True, text=True, timeout=30,
+        env={**os.environ, "LD_LIBRARY_PATH": empty_lib_dir},
+    )
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert error_lines(r.stderr) == [
+        "Error: --enable names a GPU API group, but there is no GPU: the NVML library (libnvidia-ml.so.1) "
+        "could not be loaded; is the NVIDIA driver installed?"
+    ]
+
+
 @pytest.mark.parametrize(
     ("args", "gpus"),
-    [(["--enable", "gpu-read"], []), (["--simulate", "--enable", "gpu-control,gpu-read,cpu-read"], [0, 1, 2, 3])],
-    ids=["gpu-read-no-nvml", "simulate-all-groups"],
+    [(["--simulate", "--enable", "gpu-control,gpu-read,cpu-read"], [0, 1, 2, 3])],
+    ids=["simulate-all-groups"],
 )
 def test_unprivileged_daemon_starts(
     empty_lib_dir: str, processes: list[subprocess.Popen[Any]], tmp_path: Path, args: list[str], gpus: list[int]
@@ -407,3 +428,15 @@ def test_twistd_tac_serves(tmp_path: Path, processes: list[subprocess.Popen[Any]
     assert code in TWISTED_SIGTERM_CODES
     assert "zeusd stopped" in twistd_log.read_text()
     assert not (tmp_path / "twistd.pid").exists()
+
+
+def test_the_deployment_options_table_lists_exactly_the_serve_flags() -> None:
+    from zeusd.options import SERVE_FLAGS
+
+    text = (REPO / "docs" / "deployment.md").read_text()
+    table = text.split("\n## Options\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| `--")]
+    documented = {name for row in rows for name in re.findall(r"`--([a-z0-9-]+)", row.split("|")[1])}
+    assert documented == {flag.name for flag in SERVE_FLAGS}
+    help_text = zeusd("serve", "--help").stdout
+    assert all(f"--{flag.name}" in help_text for flag in SERVE_FLAGS)

@@ -238,7 +238,7 @@ async def test_errors_carry_the_daemons_message_and_status(sim_daemon: Daemon, t
         assert unknown.value.message == "Unknown GPU indices: [5]. Available: {0, 1, 2, 3}"
 
         with pytest.raises(ZeusdHTTPError) as device:  # per-device failure: the errors map
-            await within(10, client.set_gpu_locked_clocks([0, 1], 900, 300))
+            await within(10, client.set_gpu_locked_clocks([0, 1], 100, 150))  # below the device's clocks
         assert device.value.status == 400
         assert device.value.errors == {0: "NVML error: a supplied argument was invalid"} | {
             1: "NVML error: a supplied argument was invalid"

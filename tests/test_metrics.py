@@ -345,7 +345,7 @@ def test_metrics_group_needs_no_root(monkeypatch: pytest.MonkeyPatch) -> None:
     from zeusd.errors import StartupError
     from zeusd.groups import ApiGroup
     from zeusd.options import ServeConfig
-    from zeusd.service import check_privileges
+    from zeusd.startup import check_privileges
 
     assert ApiGroup.METRICS.needs_root is False
     monkeypatch.setattr(os, "geteuid", lambda: 1000)

@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 
 from tests.conftest import DaemonFactory
-from tests.daemon import Daemon
+from tests.daemon import Daemon, run_zeusd
 from tests.rapl_tree import RaplTree
+from zeusd.options import DEFAULT_RAPL_ROOTS
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="cpu-read without --simulate needs root")
 
@@ -156,12 +157,27 @@ def test_discovery_finds_packages_and_dram_and_ignores_other_zones(
     assert (r.status, r.error) == (400, "CPU index 2 does not exist.")  # the psys zone is not a CPU
 
 
-@pytest.mark.parametrize("tree_kind", ["empty", "missing"])
-def test_no_packages_means_zero_cpus_not_a_crash(start_daemon: DaemonFactory, tmp_path: Path, tree_kind: str) -> None:
+@pytest.mark.parametrize(
+    ("tree_kind", "message"),
+    [
+        ("empty", "no usable RAPL package (intel-rapl:N with a readable energy_uj)"),
+        ("missing", "no such directory"),
+    ],
+)
+def test_an_explicit_rapl_root_without_packages_stops_startup(tmp_path: Path, tree_kind: str, message: str) -> None:
     root = tmp_path / "powercap"
     if tree_kind == "empty":
         (root / "intel-rapl").mkdir(parents=True)
-    daemon = start_rapl(start_daemon, root)
+    r = run_zeusd(["serve", "--socket-path", str(tmp_path / "z.sock"), "--enable", "cpu-read", "--rapl-root", str(root)])
+    assert r.returncode == 1, r.stdout
+    assert r.stderr.splitlines() == [f"Error: --rapl-root {root}: {message}"]
+    assert not (tmp_path / "z.sock").exists()
+
+
+def test_default_groups_without_rapl_mean_zero_cpus_not_a_crash(start_daemon: DaemonFactory) -> None:
+    if any(os.path.isdir(f"{root}/intel-rapl") for root in DEFAULT_RAPL_ROOTS):
+        pytest.skip("this machine has RAPL zones at a default root")
+    daemon = start_daemon()  # default groups, default RAPL roots
     d = daemon.client.get("/discover").json()
     assert (d["cpu_ids"], d["dram_available"], d["cpus"]) == ([], [], [])
     assert energy(daemon, "cpu=true&dram=true") == {}
@@ -169,7 +185,7 @@ def test_no_packages_means_zero_cpus_not_a_crash(start_daemon: DaemonFactory, tm
     assert (r.status, r.error) == (400, "CPU index 0 does not exist.")
     power = daemon.client.get("/cpu/get_power")
     assert power.status == 200 and power.json()["power_mw"] == {}
-    assert "no RAPL package was found" in daemon.log()
+    assert "No RAPL package found: the cpu-read API group answers with no devices." in daemon.log()
 
 
 def test_a_broken_package_is_skipped_at_startup(start_daemon: DaemonFactory, rapl_tree: RaplTree) -> None:

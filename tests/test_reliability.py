@@ -17,16 +17,9 @@ import pytest
 
 from tests.conftest import DaemonFactory
 from tests.daemon import Daemon, Response
-from tests.fakenvml import FakeNvml, build_library
+from tests.fakenvml import FakeNvml
 
 LINGER_RST = struct.pack("ii", 1, 0)
-
-
-@pytest.fixture
-def fake(tmp_path: Path) -> FakeNvml:
-    nvml = FakeNvml(tmp_path / "nvml.state", tmp_path / "nvml.log", build_library())
-    nvml.create(4)
-    return nvml
 
 
 def _limit_history(fake: FakeNvml, gpu: int) -> list[int]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Any, Sequence
+from typing import Sequence
 
 from twisted.logger import (
     FilteringLogObserver,
@@ -20,38 +20,41 @@ from twisted.logger import (
 )
 from twisted.python import usage
 
-from zeusd import __version__
 from zeusd.errors import StartupError
-from zeusd.options import ServeOptions, SingleValuedParameters, VersionOption
+from zeusd.groups import ApiGroup
+from zeusd.options import Flag, FlagOptions, ServeOptions, VersionOption
 from zeusd.watch import PowerOptions, WatchOptions
 
+SCOPE_NAMES_ORDERED = tuple(g.value for g in ApiGroup)
+LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
 
-class TokenIssueOptions(SingleValuedParameters, VersionOption, usage.Options):
+
+TOKEN_ISSUE_FLAGS: tuple[Flag, ...] = (
+    Flag("signing-key-path", "The daemon's key file (required)."),
+    Flag("user", "Who the token is for (the 'sub' claim, required)."),
+    Flag("expires", "Lifetime such as 1h, 7d, 30d, or 'never'/'0' (required)."),
+    Flag("scope", f"API groups the token grants, comma-separated or repeated (required): {', '.join(SCOPE_NAMES_ORDERED)}.", repeatable=True),
+)
+
+
+class TokenIssueOptions(VersionOption, FlagOptions):
     """zeusd token issue: print a signed bearer token."""
 
-    synopsis = "--signing-key-path FILE --user NAME [--scope GROUPS] --expires DURATION"
-    optParameters: list[list[Any]] = [
-        ["signing-key-path", None, None, "The daemon's key file (required)."],
-        ["user", None, None, "Who the token is for (the 'sub' claim, required)."],
-        ["expires", None, None, "Lifetime such as 1h, 7d, 30d, or 'never'/'0' (required)."],
-    ]
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.scopes: list[str] = []
-
-    def opt_scope(self, value: str) -> None:
-        """API groups the token grants, comma-separated or repeated."""
-        self.scopes.append(value)
+    synopsis = "--signing-key-path FILE --user NAME --scope GROUPS --expires DURATION"
+    flags = TOKEN_ISSUE_FLAGS
 
     def postOptions(self) -> None:
         from zeusd.auth import parse_scopes
 
         for name in ("signing-key-path", "user", "expires"):
-            if self[name] is None:
+            if self.value_of(name) is None:
                 raise usage.UsageError(f"--{name} is required")
+        if not self.values_of("scope"):
+            raise usage.UsageError(
+                f"--scope is required (a token without scopes can do nothing): {', '.join(SCOPE_NAMES_ORDERED)}"
+            )
         try:
-            self.scopes = parse_scopes(self.scopes)
+            self.scopes = parse_scopes(self.values_of("scope"))
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
 
@@ -89,10 +92,7 @@ class ZeusdOptions(VersionOption, usage.Options):
 
 def start_logging(level_name: str) -> None:
     """Structured log lines on stdout, at ``$ZEUSD_LOG_LEVEL`` (default info)."""
-    try:
-        level = LogLevel.levelWithName(level_name.lower())
-    except Exception:
-        level = LogLevel.info
+    level = LogLevel.levelWithName(level_name)
     predicate = LogLevelFilterPredicate(defaultLogLevel=level)
     globalLogBeginner.beginLoggingTo(
         [FilteringLogObserver(textFileLogObserver(sys.stdout), [predicate])], redirectStandardIO=False
@@ -102,15 +102,15 @@ def start_logging(level_name: str) -> None:
 def serve(options: ServeOptions) -> int:
     from twisted.internet import reactor
 
-    from zeusd.service import make_service
+    from zeusd.service import make_daemon
 
-    start_logging(os.environ.get("ZEUSD_LOG_LEVEL", "info"))
-    try:
-        service = make_service(options.config(), reactor)
-        service.privilegedStartService()
-    except StartupError as e:
-        print(f"Error: {e}", file=sys.stderr)
+    level = os.environ.get("ZEUSD_LOG_LEVEL", "info").strip().lower()
+    if level not in LOG_LEVELS:
+        print(f"Error: ZEUSD_LOG_LEVEL={level!r} is not one of: {', '.join(LOG_LEVELS)}", file=sys.stderr)
         return 1
+    start_logging(level)
+    service = make_daemon(options.config(), reactor)  # a startup error exits 1 with one Error: line
+    service.privilegedStartService()
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.run()
@@ -121,13 +121,38 @@ def issue_token(options: TokenIssueOptions) -> int:
     from zeusd.auth import issue_token as sign, load_signing_key, parse_expires
 
     try:
-        key = load_signing_key(options["signing-key-path"])
-        exp = parse_expires(options["expires"], time.time())
+        key = load_signing_key(str(options.value_of("signing-key-path")))
+        exp = parse_expires(str(options.value_of("expires")), time.time())
     except (StartupError, ValueError) as e:
         print(f"Error: {e}", file=sys.stderr)
         return 1
-    print(sign(key, options["user"], options.scopes, exp))
+    print(sign(key, str(options.value_of("user")), options.scopes, exp))
     return 0
+
+
+def usage_error(options: usage.Options, error: usage.UsageError) -> int:
+    """One line saying what is wrong and where the help is (exit status 2), not the whole help."""
+    command = options
+    names = ["zeusd"]
+    while getattr(command, "subOptions", None) is not None:
+        names.append(str(command.subCommand))
+        command = command.subOptions
+    print(f"zeusd: error: {error}\nsee: {' '.join(names)} --help", file=sys.stderr)
+    return 2
+
+
+def parse_serve_options(argv: Sequence[str]) -> ServeOptions:
+    """ServeOptions from ``argv`` for the tac file; a usage error exits 2 like ``zeusd serve``."""
+    options = ServeOptions()
+    try:
+        options.parseOptions(list(argv))
+    except usage.UsageError as e:
+        print(f"zeusd: error: {e}\nsee: zeusd serve --help", file=sys.stderr)
+        raise SystemExit(2) from None
+    except StartupError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    return options
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -135,11 +160,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         options.parseOptions(list(sys.argv[1:] if argv is None else argv))
     except usage.UsageError as e:
-        command = options
-        while getattr(command, "subOptions", None) is not None:
-            command = command.subOptions
-        print(f"{command}\nzeusd: error: {e}", file=sys.stderr)
-        return 2
+        return usage_error(options, e)
+    except StartupError as e:  # e.g. systemd passed a descriptor that is not a socket
+        print(f"Error: {e}", file=sys.stderr)
+        return 1
     if options.subCommand == "serve":
         return serve(options.subOptions)
     if options.subCommand == "watch":

@@ -34,12 +34,12 @@ from prometheus_client.registry import Collector
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from zeusd.devices.base import DeviceError
 from zeusd.devices.cpu.manager import CpuManager
 from zeusd.devices.executor import SingleFlight, gather
 from zeusd.devices.gpu.base import GPU
+from zeusd.devices.gpu.control import ControlOperation
 from zeusd.devices.gpu.manager import GpuManager
 from zeusd.devices.readings import Reading, Results
 
@@ -66,74 +66,44 @@ def operation_label(what: str) -> str:
 # Locked clocks ---------------------------------------------------------------------
 
 
-class ClockTrackingGPU:
-    """A GPU that remembers the locked clock ranges this daemon set ("where known").
+#: Control operation → (clock domains it touches, the range it leaves locked or None when it resets).
+_CLOCK_EFFECTS: dict[str, tuple[tuple[str, ...], bool]] = {
+    "set_gpu_locked_clocks": (("graphics",), True),
+    "reset_gpu_locked_clocks": (("graphics",), False),
+    "set_mem_locked_clocks": (("memory",), True),
+    "reset_mem_locked_clocks": (("memory",), False),
+    "reset_locked_clocks": (("graphics", "memory"), False),
+}
+
+
+class LockedClocks:
+    """The locked clock ranges this daemon set, learned from its own commands ("where known").
 
     NVML has no portable getter for a locked range, but every lock and reset
-    goes through this daemon's command queue, so a successful command tells
-    the state: ``clocks[domain]`` is ``(min_mhz, max_mhz)`` when locked,
-    ``None`` when reset, and absent when unknown (before the first command,
-    or after one that failed, which may have left either state).
-    All methods run on the GPU's own command thread, so updates are ordered.
+    goes through this daemon's command queue, so a finished command tells the
+    state: ``state(gpu)[domain]`` is ``(min_mhz, max_mhz)`` when locked,
+    ``None`` when reset, and absent when unknown (before the first command, or
+    after one that failed, which may have left either state). A
+    :class:`~zeusd.devices.gpu.control.CommandObserver` of the GPU manager.
     """
 
-    def __init__(self, gpu: GPU) -> None:
-        self._gpu = gpu
-        self.clocks: dict[str, tuple[int, int] | None] = {}
+    def __init__(self) -> None:
+        self._state: dict[int, dict[str, tuple[int, int] | None]] = {}
 
-    @property
-    def index(self) -> int:
-        return self._gpu.index
+    def state(self, gpu: int) -> dict[str, tuple[int, int] | None]:
+        return dict(self._state.get(gpu, {}))
 
-    @property
-    def name(self) -> str:
-        return self._gpu.name
-
-    @property
-    def pci_address(self) -> str:
-        return self._gpu.pci_address
-
-    @property
-    def energy_counter_available(self) -> bool:
-        return self._gpu.energy_counter_available
-
-    def get_instant_power_mw(self) -> int:
-        return self._gpu.get_instant_power_mw()
-
-    def get_total_energy_mj(self) -> int:
-        return self._gpu.get_total_energy_mj()
-
-    def get_power_limit_mw(self) -> int:
-        return self._gpu.get_power_limit_mw()
-
-    def get_power_limit_constraints_mw(self) -> tuple[int, int]:
-        return self._gpu.get_power_limit_constraints_mw()
-
-    def get_persistence_mode(self) -> bool:
-        return self._gpu.get_persistence_mode()
-
-    def set_persistence_mode(self, enabled: bool) -> None:
-        self._gpu.set_persistence_mode(enabled)
-
-    def set_power_limit_mw(self, power_limit_mw: int) -> None:
-        self._gpu.set_power_limit_mw(power_limit_mw)
-
-    def set_gpu_locked_clocks(self, min_clock_mhz: int, max_clock_mhz: int) -> None:
-        self._track("graphics", lambda: self._gpu.set_gpu_locked_clocks(min_clock_mhz, max_clock_mhz), (min_clock_mhz, max_clock_mhz))
-
-    def reset_gpu_locked_clocks(self) -> None:
-        self._track("graphics", self._gpu.reset_gpu_locked_clocks, None)
-
-    def set_mem_locked_clocks(self, min_clock_mhz: int, max_clock_mhz: int) -> None:
-        self._track("memory", lambda: self._gpu.set_mem_locked_clocks(min_clock_mhz, max_clock_mhz), (min_clock_mhz, max_clock_mhz))
-
-    def reset_mem_locked_clocks(self) -> None:
-        self._track("memory", self._gpu.reset_mem_locked_clocks, None)
-
-    def _track(self, domain: str, command: Callable[[], None], state: tuple[int, int] | None) -> None:
-        self.clocks.pop(domain, None)
-        command()
-        self.clocks[domain] = state
+    def command_finished(self, gpu: int, operation: ControlOperation[Any], arguments: Any, error: DeviceError | None) -> None:
+        effect = _CLOCK_EFFECTS.get(operation.name)
+        if effect is None:
+            return
+        domains, locks = effect
+        state = self._state.setdefault(gpu, {})
+        for domain in domains:
+            if error is not None:
+                state.pop(domain, None)
+            else:
+                state[domain] = (arguments.min_clock_mhz, arguments.max_clock_mhz) if locks else None
 
 
 # Device reads -------------------------------------------------------------------------
@@ -162,8 +132,6 @@ def read_gpu_state(gpu: GPU) -> dict[str, Any]:
             state[operation] = read(gpu)
         except DeviceError as error:
             state[operation] = error
-    if isinstance(gpu, ClockTrackingGPU):
-        state["clocks"] = dict(gpu.clocks)
     return state
 
 
@@ -203,6 +171,10 @@ class DaemonMetrics:
             ("device", "index", "operation"),
             registry=self.registry,
         )
+
+    def start(self) -> None:
+        """Begin the uptime clock and the process statistics (they read /proc)."""
+        self.started_at = time.monotonic()
         ProcessCollector(registry=self.registry)
         GCCollector(registry=self.registry)
 
@@ -250,6 +222,7 @@ class Scraper:
         gpus: GpuManager | None = None,
         cpus: CpuManager | None = None,
         hubs: Sequence[Any] = (),
+        clocks: LockedClocks | None = None,
     ) -> None:
         self._reactor = reactor
         self.metrics = metrics
@@ -257,6 +230,7 @@ class Scraper:
         self._gpus = gpus
         self._cpus = cpus
         self._hubs = list(hubs)
+        self._clocks = clocks
         # Any runner will do: the snapshot's reads are already off the reactor thread.
         self._snapshots = SingleFlight(lambda take: take())
         #: GPUs whose queued scrape read is submitted but has not run yet.
@@ -379,7 +353,7 @@ class Scraper:
                 f_max.add_metric(labels, limits[1] / 1000)
             if isinstance(persist, bool):
                 f_persist.add_metric(labels, 1 if persist else 0)
-            clocks: Mapping[str, tuple[int, int] | None] = fields.get("clocks", {})
+            clocks: Mapping[str, tuple[int, int] | None] = self._clocks.state(i) if self._clocks is not None else {}
             for domain in CLOCK_DOMAINS:
                 if domain not in clocks:
                     continue

@@ -1,9 +1,15 @@
 """The one definition of the daemon's options.
 
 ``ServeOptions`` is used verbatim by ``zeusd serve``, by the ``twist zeusd``
-plugin and by ``tac/zeusd.tac``; :meth:`ServeOptions.config` turns the parsed
+plugin and by ``tac/zeusd.tac``; :meth:`ServeOptions.config` turns the given
 strings into a validated, typed :class:`ServeConfig` that the service is built
 from, so no other module ever parses a flag.
+
+Flags are declared once, in :data:`SERVE_FLAGS`, as :class:`Flag` rows; each
+row becomes a ``usage.Options`` handler that records what was given, so a
+single-valued flag given twice is a usage error (as with clap) and the config
+knows which flags were given explicitly (an explicit request for devices that
+are missing stops startup; defaults only warn).
 """
 
 from __future__ import annotations
@@ -12,62 +18,168 @@ import os
 import socket
 from dataclasses import dataclass, field
 from ipaddress import ip_address
-from typing import Any, Literal
+from typing import Any, Callable, ClassVar, Sequence
 
 from twisted.python import usage
 
 from zeusd.groups import DEFAULT_GROUPS, ApiGroup
+from zeusd.listeners import ListenerSpec, ListenSyntaxError, inherited_listeners, parse_listen, parse_mode
 
 MAX_POLL_HZ = 1000
 MAX_SIMULATED_DEVICES = 64
 #: Upstream v0.4.0's socket path; the Zeus clients and ``zeusd watch`` look here too.
 DEFAULT_SOCKET_PATH = "/var/run/zeusd.sock"
-
-
-@dataclass(frozen=True)
-class TcpAddress:
-    host: str
-    port: int
-
-    @property
-    def is_ipv6(self) -> bool:
-        return ":" in self.host
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if self.is_ipv6 else f"{self.host}:{self.port}"
+DEFAULT_TCP_ADDRESS = "127.0.0.1:4938"
+#: Where RAPL zones are looked for when ``--rapl-root`` is not given, in order:
+#: a container's bind mount of the host's tree first (as upstream does), then the host's.
+DEFAULT_RAPL_ROOTS = ("/zeus_sys/class/powercap", "/sys/class/powercap")
+STREAM_FORMATS = ("v0.4", "v0.5")
 
 
 @dataclass(frozen=True)
 class ServeConfig:
     """Everything the service needs, already validated."""
 
-    mode: Literal["uds", "tcp"] = "uds"
-    socket_path: str = DEFAULT_SOCKET_PATH
-    socket_permissions: int = 0o666
+    listeners: tuple[ListenerSpec, ...] = (ListenerSpec("unix", path=DEFAULT_SOCKET_PATH),)
     socket_uid: int | None = None
     socket_gid: int | None = None
-    tcp_address: TcpAddress = TcpAddress("127.0.0.1", 4938)
     num_workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     gpu_power_poll_hz: int = 20
     cpu_power_poll_hz: int = 10
     enabled_groups: tuple[ApiGroup, ...] = DEFAULT_GROUPS
+    #: Whether ``--enable`` was given: then every enabled device group must find its devices.
+    groups_explicit: bool = False
     signing_key_path: str | None = None
-    rapl_root: str = "/sys/class/powercap"
+    #: ``--rapl-root``; None: the first of DEFAULT_RAPL_ROOTS that exists.
+    rapl_root: str | None = None
     simulate: bool = False
     simulate_gpus: int = 4
     simulate_cpus: int = 2
     stream_format: str = "v0.4"
     sse_keepalive_s: float = 15.0
     sse_stall_timeout_s: float = 30.0
-    tls_cert_path: str | None = None
-    tls_key_path: str | None = None
-
-    @property
-    def tls(self) -> bool:
-        return self.tls_cert_path is not None
 
     def enabled(self, group: ApiGroup) -> bool:
         return group in self.enabled_groups
+
+    @property
+    def socket_owner(self) -> tuple[int, int]:
+        """(uid, gid) for UNIX socket files, -1 meaning unchanged (as ``os.chown`` takes it)."""
+        return (
+            -1 if self.socket_uid is None else self.socket_uid,
+            -1 if self.socket_gid is None else self.socket_gid,
+        )
+
+    def summary(self) -> list[str]:
+        """The configuration as a reader wants it in the startup log, one line per item."""
+        lines = [f"listener: {spec}" for spec in self.listeners]
+        if self.socket_uid is not None or self.socket_gid is not None:
+            lines.append(f"socket owner: uid {self.socket_uid}, gid {self.socket_gid} (unchanged where None)")
+        lines += [
+            f"API groups: {', '.join(g.value for g in self.enabled_groups)}{' (given)' if self.groups_explicit else ''}",
+            f"authentication: {'bearer tokens, key ' + self.signing_key_path if self.signing_key_path else 'off'}",
+            f"devices: {'simulated node' if self.simulate else 'NVML and RAPL'}"
+            + (f" ({self.simulate_gpus} GPUs, {self.simulate_cpus} CPU packages)" if self.simulate else ""),
+            f"power polling: GPU {self.gpu_power_poll_hz} Hz, CPU {self.cpu_power_poll_hz} Hz",
+            f"stream format: {self.stream_format}; keepalive {self.sse_keepalive_s:g} s, "
+            f"stalled readers dropped after {self.sse_stall_timeout_s:g} s",
+        ]
+        if not self.simulate:
+            lines.append(f"RAPL root: {self.rapl_root or 'first of ' + ', '.join(DEFAULT_RAPL_ROOTS)}")
+        return lines
+
+
+# Flag declarations ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One command-line flag: ``--name VALUE`` (``takes_value``) or a bare switch."""
+
+    name: str
+    help: str
+    default: str | None = None
+    takes_value: bool = True
+    repeatable: bool = False
+
+    def doc(self) -> str:
+        shown = f" (default: {self.default})" if self.default is not None else ""
+        return self.help + shown
+
+
+class FlagOptions(usage.Options):
+    """``usage.Options`` whose flags come from a :class:`Flag` table (``flags``).
+
+    What was given is in ``self.given``: the raw string, a list for repeatable
+    flags, True for switches.
+    """
+
+    flags: ClassVar[tuple[Flag, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for flag in cls.flags:
+            setattr(cls, "opt_" + flag.name.replace("-", "_"), _handler(flag))
+
+    def __init__(self) -> None:
+        self.given: dict[str, Any] = {}
+        super().__init__()
+
+    def opt_help(self) -> None:
+        """Display this help and exit."""
+        super().opt_help()
+
+    opt_h = opt_help
+
+    def value_of(self, name: str) -> str | None:
+        """The flag's given value, else its default."""
+        given = self.given.get(name)
+        if given is not None:
+            return str(given)
+        return next(f.default for f in self.flags if f.name == name)
+
+    def values_of(self, name: str) -> list[str]:
+        """Every value of a repeatable flag, in the order given."""
+        return list(self.given.get(name, []))
+
+    def _take(self, flag: Flag, value: str | None) -> None:
+        if flag.repeatable:
+            self.given.setdefault(flag.name, []).append(value)
+            return
+        if flag.name in self.given:
+            raise usage.UsageError(f"--{flag.name} cannot be used multiple times")
+        self.given[flag.name] = True if value is None else value
+
+
+def _handler(flag: Flag) -> Callable[..., None]:
+    if flag.takes_value:
+
+        def take_value(self: FlagOptions, value: str) -> None:
+            self._take(flag, value)
+
+        handler: Callable[..., None] = take_value
+    else:
+
+        def take_switch(self: FlagOptions) -> None:
+            self._take(flag, None)
+
+        handler = take_switch
+    handler.__doc__ = flag.doc()
+    return handler
+
+
+class VersionOption:
+    """``--version`` prints zeusd's version (usage.Options would print Twisted's)."""
+
+    def opt_version(self) -> None:
+        """Print the version and exit."""
+        from zeusd import __version__
+
+        print(f"zeusd {__version__}")
+        raise SystemExit(0)
+
+
+# Value parsers ------------------------------------------------------------------------
 
 
 def _parse_u32(name: str, value: str) -> int:
@@ -79,26 +191,14 @@ def _parse_u32(name: str, value: str) -> int:
     return number
 
 
-def _parse_poll_hz(name: str, value: str) -> int:
-    hz = _parse_u32(name, value)
-    if not 1 <= hz <= MAX_POLL_HZ:
-        raise usage.UsageError(f"--{name}: must be between 1 and {MAX_POLL_HZ} Hz, got {hz}")
-    return hz
+def _parse_count(name: str, value: str, low: int, high: int) -> int:
+    number = _parse_u32(name, value)
+    if not low <= number <= high:
+        raise usage.UsageError(f"--{name}: must be between {low} and {high}, got {number}")
+    return number
 
 
-def _parse_permissions(value: str) -> int:
-    try:
-        mode = int(value, 8)
-    except ValueError:
-        raise usage.UsageError(
-            f"--socket-permissions: {value!r} is not an octal mode such as 666 or 0660"
-        ) from None
-    if not 0 <= mode <= 0o777:
-        raise usage.UsageError(f"--socket-permissions: {value!r} is outside 000..777")
-    return mode
-
-
-def parse_tcp_address(value: str) -> TcpAddress:
+def parse_tcp_address(value: str) -> tuple[str, int]:
     """``host:port`` or ``[v6]:port``; hostnames are resolved once, at startup."""
     if value.startswith("["):
         host, sep, rest = value[1:].partition("]")
@@ -118,7 +218,7 @@ def parse_tcp_address(value: str) -> TcpAddress:
             host = str(socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][4][0])
         except OSError as e:
             raise usage.UsageError(f"--tcp-bind-address: cannot resolve {host!r}: {e}") from None
-    return TcpAddress(host, int(port_text))
+    return host, int(port_text)
 
 
 def _parse_groups(values: list[str]) -> tuple[ApiGroup, ...]:
@@ -130,93 +230,69 @@ def _parse_groups(values: list[str]) -> tuple[ApiGroup, ...]:
             try:
                 groups.append(ApiGroup(name))
             except ValueError:
-                raise usage.UsageError(
-                    f"--enable: unknown API group {name!r} (possible values: {valid})"
-                ) from None
+                raise usage.UsageError(f"--enable: unknown API group {name!r} (possible values: {valid})") from None
     return tuple(groups)
 
 
-def _parse_count(name: str, value: str, low: int, high: int) -> int:
-    number = _parse_u32(name, value)
-    if not low <= number <= high:
-        raise usage.UsageError(f"--{name}: must be between {low} and {high}, got {number}")
-    return number
+def _choice(name: str, value: str, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise usage.UsageError(f"--{name}: {value!r} is not one of: {', '.join(choices)}")
+    return value
 
 
-class _Once:
-    """Dispatch for one single-valued parameter that refuses a second value."""
+#: Flags that describe the one shorthand listener (``--listen`` is the general form).
+SHORTHAND_LISTENER_FLAGS = ("mode", "socket-path", "socket-permissions", "tcp-bind-address", "tls-cert", "tls-key")
 
-    def __init__(self, handler: Any, given: set[str]) -> None:
-        self._handler = handler
-        self._given = given
+SERVE_FLAGS: tuple[Flag, ...] = (
+    Flag(
+        "listen",
+        "Where to listen, as a Twisted endpoint description; repeatable: unix:PATH[:mode=660], "
+        "tcp:PORT[:interface=ADDR], ssl:PORT:privateKey=KEY[:certKey=CERT][:interface=ADDR], "
+        "systemd:domain=UNIX|INET|INET6:index=N. Default: the --mode listener, or every socket "
+        "systemd passed (socket activation).",
+        repeatable=True,
+    ),
+    Flag("mode", "Shorthand listener: uds or tcp.", "uds"),
+    Flag("socket-path", "UNIX domain socket path (uds mode).", DEFAULT_SOCKET_PATH),
+    Flag("socket-permissions", "Octal permissions of the socket file (uds mode).", "666"),
+    Flag("socket-uid", "Owner uid of UNIX socket files (default: unchanged)."),
+    Flag("socket-gid", "Owner gid of UNIX socket files (default: unchanged)."),
+    Flag("tcp-bind-address", "host:port to listen on (tcp mode).", DEFAULT_TCP_ADDRESS),
+    Flag("tls-cert", "PEM certificate (chain) for HTTPS in tcp mode."),
+    Flag("tls-key", "PEM private key for --tls-cert (not readable by other users)."),
+    Flag("num-workers", "Threads of the shared pool (metrics rendering); each GPU and CPU package has its own (default: logical CPUs)."),
+    Flag("gpu-power-poll-hz", "GPU power streaming rate, 1..1000 Hz.", "20"),
+    Flag("cpu-power-poll-hz", "CPU power streaming rate, 1..1000 Hz.", "10"),
+    Flag(
+        "enable",
+        "API groups to enable, comma-separated or repeated: gpu-control, gpu-read, cpu-read, metrics "
+        "(default: all). Naming a device group makes its devices required: startup fails without them.",
+        repeatable=True,
+    ),
+    Flag("signing-key-path", "HS256 key file; enables bearer-token auth."),
+    Flag("rapl-root", "Directory holding the intel-rapl zones (default: /zeus_sys/class/powercap if present, else /sys/class/powercap)."),
+    Flag("simulate", "Serve a simulated node (no hardware, no root needed).", takes_value=False),
+    Flag("simulate-gpus", "GPUs of the simulated node (with --simulate).", "4"),
+    Flag("simulate-cpus", "CPU packages of the simulated node (with --simulate).", "2"),
+    Flag(
+        "stream-format",
+        "SSE event format: v0.4 (snapshots, zeus 0.15.x clients) or v0.5 (per device, zeus 0.16.x clients).",
+        "v0.4",
+    ),
+    Flag("sse-keepalive-s", "Seconds of stream silence before a ': keepalive' comment, 1..300.", "15"),
+    Flag("sse-stall-timeout-s", "Disconnect a stream reader that has not read for this long, 1..3600.", "30"),
+)
 
-    def __call__(self, name: str, value: str) -> None:
-        if name in self._given:
-            raise usage.UsageError(f"--{name} cannot be used multiple times")
-        self._given.add(name)
-        self._handler.dispatch(name, value)
 
-
-class SingleValuedParameters:
-    """A single-valued flag given twice is a usage error (spec §12.1), not "last one wins".
-
-    Silently taking the last of two ``--mode`` or ``--socket-path`` values
-    hides a mistake in a unit file. Repeatable options (``--enable``,
-    ``--scope``) are ``opt_*`` methods and are not affected.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        given: set[str] = set()
-        dispatch: dict[str, Any] = self._dispatch  # type: ignore[attr-defined]
-        for name, handler in list(dispatch.items()):
-            if isinstance(handler, usage.CoerceParameter):
-                dispatch[name] = _Once(handler, given)
-
-
-class VersionOption:
-    """``--version`` prints zeusd's version (usage.Options would print Twisted's)."""
-
-    def opt_version(self) -> None:
-        """Print the version and exit."""
-        from zeusd import __version__
-
-        print(f"zeusd {__version__}")
-        raise SystemExit(0)
-
-
-class ServeOptions(SingleValuedParameters, VersionOption, usage.Options):
+class ServeOptions(VersionOption, FlagOptions):
     """zeusd serve: run the daemon."""
 
     synopsis = "[options]"
     longdesc = (
-        "Serve the zeusd HTTP API on a UNIX domain socket (default) or TCP. "
+        "Serve the zeusd HTTP API on a UNIX domain socket (default), TCP, HTTPS or sockets passed by systemd. "
         "Use --simulate for a simulated node that needs no GPU, no RAPL and no root."
     )
-
-    optParameters: list[list[Any]] = [
-        ["mode", None, "uds", "Listener: uds or tcp."],
-        ["socket-path", None, DEFAULT_SOCKET_PATH, "UNIX domain socket path (uds mode)."],
-        ["socket-permissions", None, "666", "Octal permissions of the socket file (uds mode)."],
-        ["socket-uid", None, None, "Owner uid of the socket file (default: unchanged)."],
-        ["socket-gid", None, None, "Owner gid of the socket file (default: unchanged)."],
-        ["tcp-bind-address", None, "127.0.0.1:4938", "host:port to listen on (tcp mode)."],
-        ["num-workers", None, None, "Threads for blocking device reads (default: logical CPUs)."],
-        ["gpu-power-poll-hz", None, "20", "GPU power streaming rate, 1..1000 Hz."],
-        ["cpu-power-poll-hz", None, "10", "CPU power streaming rate, 1..1000 Hz."],
-        ["signing-key-path", None, None, "HS256 key file; enables bearer-token auth."],
-        ["tls-cert", None, None, "PEM certificate (chain) for HTTPS in tcp mode."],
-        ["tls-key", None, None, "PEM private key for --tls-cert (not readable by other users)."],
-        ["rapl-root", None, "/sys/class/powercap", "Directory holding the intel-rapl zones."],
-        ["simulate-gpus", None, "4", "GPUs of the simulated node (with --simulate)."],
-        ["simulate-cpus", None, "2", "CPU packages of the simulated node (with --simulate)."],
-        ["stream-format", None, "v0.4", "Default SSE event format: v0.4 (snapshot) or v0.5 (per device)."],
-        ["sse-keepalive-s", None, "15", "Seconds of stream silence before a ': keepalive' comment, 1..300."],
-        ["sse-stall-timeout-s", None, "30", "Disconnect a stream reader that has not read for this long, 1..3600."],
-    ]
-    optFlags: list[list[Any]] = [
-        ["simulate", None, "Serve a simulated node (no hardware, no root needed)."],
-    ]
+    flags = SERVE_FLAGS
     compData = usage.Completions(
         optActions={
             "mode": usage.CompleteList(["uds", "tcp"]),
@@ -226,15 +302,6 @@ class ServeOptions(SingleValuedParameters, VersionOption, usage.Options):
         }
     )
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._enable: list[str] = []
-
-    def opt_enable(self, value: str) -> None:
-        """API groups to enable, comma-separated or repeated:
-        gpu-control, gpu-read, cpu-read (default: all)."""
-        self._enable.append(value)
-
     def postOptions(self) -> None:
         self._config = self._build_config()
 
@@ -242,40 +309,57 @@ class ServeOptions(SingleValuedParameters, VersionOption, usage.Options):
         return self._config
 
     def _build_config(self) -> ServeConfig:
-        mode: str = self["mode"]
-        if mode not in ("uds", "tcp"):
-            raise usage.UsageError(f"--mode: {mode!r} is not one of: uds, tcp")
-        uid = self["socket-uid"]
-        gid = self["socket-gid"]
-        workers = self["num-workers"]
-        if (self["tls-cert"] is None) != (self["tls-key"] is None):
-            raise usage.UsageError("--tls-cert and --tls-key go together")
-        if self["tls-cert"] is not None and mode != "tcp":
-            raise usage.UsageError("--tls-cert/--tls-key need --mode tcp")
-        stream_format = self["stream-format"]
-        if stream_format not in ("v0.4", "v0.5"):
-            raise usage.UsageError(f"--stream-format: {stream_format!r} is not one of: v0.4, v0.5")
+        value = self.value_of
+        uid, gid, workers = value("socket-uid"), value("socket-gid"), value("num-workers")
+        enable = self.values_of("enable")
         return ServeConfig(
-            mode="uds" if mode == "uds" else "tcp",
-            socket_path=self["socket-path"],
-            socket_permissions=_parse_permissions(self["socket-permissions"]),
+            listeners=self._listeners(),
             socket_uid=None if uid is None else _parse_u32("socket-uid", uid),
             socket_gid=None if gid is None else _parse_u32("socket-gid", gid),
-            tcp_address=parse_tcp_address(self["tcp-bind-address"]),
-            num_workers=(
-                os.cpu_count() or 1 if workers is None else _parse_count("num-workers", workers, 1, 1024)
-            ),
-            gpu_power_poll_hz=_parse_poll_hz("gpu-power-poll-hz", self["gpu-power-poll-hz"]),
-            cpu_power_poll_hz=_parse_poll_hz("cpu-power-poll-hz", self["cpu-power-poll-hz"]),
-            enabled_groups=_parse_groups(self._enable) if self._enable else DEFAULT_GROUPS,
-            signing_key_path=self["signing-key-path"],
-            rapl_root=self["rapl-root"],
-            simulate=bool(self["simulate"]),
-            simulate_gpus=_parse_count("simulate-gpus", self["simulate-gpus"], 0, MAX_SIMULATED_DEVICES),
-            simulate_cpus=_parse_count("simulate-cpus", self["simulate-cpus"], 0, MAX_SIMULATED_DEVICES),
-            stream_format=stream_format,
-            sse_keepalive_s=_parse_count("sse-keepalive-s", self["sse-keepalive-s"], 1, 300),
-            sse_stall_timeout_s=_parse_count("sse-stall-timeout-s", self["sse-stall-timeout-s"], 1, 3600),
-            tls_cert_path=self["tls-cert"],
-            tls_key_path=self["tls-key"],
+            num_workers=os.cpu_count() or 1 if workers is None else _parse_count("num-workers", workers, 1, 1024),
+            gpu_power_poll_hz=_parse_count("gpu-power-poll-hz", str(value("gpu-power-poll-hz")), 1, MAX_POLL_HZ),
+            cpu_power_poll_hz=_parse_count("cpu-power-poll-hz", str(value("cpu-power-poll-hz")), 1, MAX_POLL_HZ),
+            enabled_groups=_parse_groups(enable) if enable else DEFAULT_GROUPS,
+            groups_explicit=bool(enable),
+            signing_key_path=value("signing-key-path"),
+            rapl_root=value("rapl-root"),
+            simulate=bool(self.given.get("simulate")),
+            simulate_gpus=_parse_count("simulate-gpus", str(value("simulate-gpus")), 0, MAX_SIMULATED_DEVICES),
+            simulate_cpus=_parse_count("simulate-cpus", str(value("simulate-cpus")), 0, MAX_SIMULATED_DEVICES),
+            stream_format=_choice("stream-format", str(value("stream-format")), STREAM_FORMATS),
+            sse_keepalive_s=_parse_count("sse-keepalive-s", str(value("sse-keepalive-s")), 1, 300),
+            sse_stall_timeout_s=_parse_count("sse-stall-timeout-s", str(value("sse-stall-timeout-s")), 1, 3600),
         )
+
+    def _listeners(self) -> tuple[ListenerSpec, ...]:
+        """``--listen`` values, plus the shorthand listener when its flags were given or nothing else was."""
+        specs = []
+        for description in self.values_of("listen"):
+            try:
+                specs.append(parse_listen(description))
+            except ListenSyntaxError as e:
+                raise usage.UsageError(f"--listen {description!r}: {e}") from None
+        shorthand_given = any(name in self.given for name in SHORTHAND_LISTENER_FLAGS)
+        if not specs and not shorthand_given:
+            specs = inherited_listeners()
+        if shorthand_given or not specs:
+            specs.append(self._shorthand_listener())
+        return tuple(specs)
+
+    def _shorthand_listener(self) -> ListenerSpec:
+        mode = _choice("mode", str(self.value_of("mode")), ("uds", "tcp"))
+        host, port = parse_tcp_address(str(self.value_of("tcp-bind-address")))  # checked in uds mode too
+        cert, key = self.value_of("tls-cert"), self.value_of("tls-key")
+        if (cert is None) != (key is None):
+            raise usage.UsageError("--tls-cert and --tls-key go together")
+        if mode == "uds":
+            if cert is not None:
+                raise usage.UsageError("--tls-cert/--tls-key need --mode tcp")
+            try:
+                permissions = parse_mode(str(self.value_of("socket-permissions")))
+            except ListenSyntaxError as e:
+                raise usage.UsageError(f"--socket-permissions: {e}") from None
+            return ListenerSpec("unix", path=self.value_of("socket-path"), mode=permissions)
+        if cert is not None:
+            return ListenerSpec("ssl", host=host, port=port, tls_cert=cert, tls_key=key)
+        return ListenerSpec("tcp", host=host, port=port)

@@ -1,21 +1,32 @@
-"""Options → a running daemon: devices, pollers, the web site and its listener.
+"""Options → the daemon's service tree.
 
-This is the only module that knows every layer; it wires them and owns the
-lifecycle (start listening, shut down cleanly).
+This is the only module that knows every layer; it wires them and nothing
+else. :func:`make_service` builds a tree of ``IService`` objects and does no
+I/O: no device is opened, no thread started, no socket bound. Each part opens
+what it needs in ``privilegedStartService`` (or ``startService`` under runners
+that skip that step) and closes it in ``stopService``. The tree's order is
+the start order; stopping runs in reverse, one child after the other:
+
+    ZeusdService
+      AuthService       the signing key (read as root)
+      GpuService        NVML or the simulator, per-GPU command and reader threads
+      CpuService        RAPL discovery, per-package threads, wraparound guard
+      StreamService     the stream hubs (stop: every stream ends cleanly)
+      MetricsService    process statistics for /metrics
+      ListenerService…  one per listener (stop: first of all)
+
+Every entry point (``zeusd serve``, ``twist zeusd``, ``twistd`` daemonizing
+or not, the tac file, systemd) runs this same tree, so a fork between building
+and starting (``twistd``) loses nothing.
 """
 
 from __future__ import annotations
 
 import gc
-import os
-import socket
-import stat
 from typing import Any, Sequence
 
-from twisted.application.service import MultiService
-from twisted.internet import defer
-from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, UNIXServerEndpoint
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.web.resource import IResource
@@ -23,15 +34,22 @@ from twisted.web.resource import IResource
 from zeusd import __version__
 from zeusd.devices.cpu.base import CpuPackage
 from zeusd.devices.cpu.manager import CpuManager
-from zeusd.devices.gpu.base import GPU, GPUBackend
+from zeusd.devices.cpu.service import CpuService
+from zeusd.devices.executor import ExecutorFactory, thread_executors
+from zeusd.devices.gpu.base import GPUBackend
 from zeusd.devices.gpu.manager import GpuManager
+from zeusd.devices.gpu.service import GpuService
+from zeusd.devices.sampling import CpuPowerSampler, GpuPowerSampler
 from zeusd.errors import StartupError
 from zeusd.groups import ApiGroup
-from zeusd.metrics import ClockTrackingGPU, DaemonMetrics, Scraper
-from zeusd.options import ServeConfig
+from zeusd.listeners import ListenerService
+from zeusd.metrics import DaemonMetrics, LockedClocks, Scraper
+from zeusd.options import DEFAULT_RAPL_ROOTS, ServeConfig
 from zeusd.sse import CPU_ENCODERS, GPU_ENCODERS
-from zeusd.streaming import CpuPowerSampler, GpuPowerSampler, StreamHub
-from zeusd.web.app import Authenticator, ZeusdRoot, ZeusdSite, route_paths, server_resource
+from zeusd.startup import fail_startup, preflight, print_error, raise_fd_limit
+from zeusd.streaming import StreamHub
+from zeusd.systemd import Notifier
+from zeusd.web.app import ZeusdRoot, ZeusdSite, route_paths, server_resource
 from zeusd.web.cpu_read import cpu_read_resource
 from zeusd.web.gpu_control import gpu_control_resource
 from zeusd.web.gpu_read import gpu_read_resource
@@ -39,22 +57,11 @@ from zeusd.web.metrics import metrics_resource
 
 log = Logger()
 
-#: How long shutdown waits for queued GPU commands to finish.
-SHUTDOWN_GRACE_S = 10.0
 #: Idle keep-alive connections are closed after this long.
 IDLE_TIMEOUT_S = 60
 
 
-def check_privileges(config: ServeConfig) -> None:
-    """Groups that touch root-only device files need euid 0 (not in simulation)."""
-    if config.simulate or os.geteuid() == 0:
-        return
-    for group in config.enabled_groups:
-        if group.needs_root:
-            raise StartupError(
-                f"API group '{group.value}' requires root but zeusd is not running as root "
-                f"(run as root, drop the group with --enable, or use --simulate)"
-            )
+# Devices ----------------------------------------------------------------------------
 
 
 def open_gpu_backend(config: ServeConfig) -> GPUBackend:
@@ -67,20 +74,36 @@ def open_gpu_backend(config: ServeConfig) -> GPUBackend:
     return open_nvml_backend()
 
 
-def open_cpu_packages(config: ServeConfig) -> list[CpuPackage]:
+def discover_cpu_packages(config: ServeConfig) -> list[CpuPackage]:
     if config.simulate:
         from zeusd.devices.cpu.simulated import simulated_packages
 
         return simulated_packages(config.simulate_cpus)
+    import os
+
     from zeusd.devices.cpu.rapl import discover_packages
 
-    return discover_packages(config.rapl_root)
+    root = config.rapl_root or next((r for r in DEFAULT_RAPL_ROOTS if os.path.isdir(r)), DEFAULT_RAPL_ROOTS[-1])
+    return discover_packages(root)
 
 
-def discovery_info(config: ServeConfig, gpus: Sequence[GPU], packages: Sequence[CpuPackage]) -> dict[str, Any]:
+def _missing_cpus(config: ServeConfig) -> str | None:
+    """The startup error when no RAPL package is found, if CPUs were asked for explicitly."""
+    if config.simulate:
+        return "the simulated node was given no CPU packages (--simulate-cpus 0)" if config.groups_explicit else None
+    if config.rapl_root is not None:
+        return f"--rapl-root {config.rapl_root}: no usable RAPL package (intel-rapl:N with a readable energy_uj)"
+    if config.groups_explicit:
+        return "--enable names cpu-read, but no RAPL package was found (is the intel_rapl driver loaded?)"
+    return None
+
+
+def discovery_info(config: ServeConfig, gpus: GpuManager | None, cpus: CpuManager | None) -> dict[str, Any]:
     """``/discover``: the v0.4.0 keys and the v0.5.0 objects side by side (both clients read it)."""
+    gpu_list = gpus.gpus if gpus is not None else []
+    packages = list(cpus.packages.values()) if cpus is not None else []
     return {
-        "gpu_ids": [g.index for g in gpus],
+        "gpu_ids": [g.index for g in gpu_list],
         "cpu_ids": [p.index for p in packages],
         "dram_available": [p.dram_available for p in packages],
         "enabled_api_groups": [g.value for g in config.enabled_groups],
@@ -92,280 +115,269 @@ def discovery_info(config: ServeConfig, gpus: Sequence[GPU], packages: Sequence[
                 "pci_address": g.pci_address,
                 "cumulative_energy_available": g.energy_counter_available,
             }
-            for g in gpus
+            for g in gpu_list
         ],
         "cpus": [{"id": p.index, "dram_available": p.dram_available} for p in packages],
     }
 
 
-def _track_clocks(devices: Sequence[GPU]) -> list[GPU]:
-    """Wrap GPUs so that metrics know the clock ranges this daemon locked."""
-    return [ClockTrackingGPU(g) for g in devices]
+# The services that are not device services ------------------------------------------
 
 
-def load_authenticator(config: ServeConfig) -> Authenticator | None:
-    if config.signing_key_path is None:
-        if config.mode == "tcp":
-            log.warn("Running in TCP mode without authentication: anyone who can reach the port can use every enabled API group.")
-        return None
-    if config.mode == "tcp" and not config.tls:
-        log.warn("Bearer tokens will cross the network in clear text: consider --tls-cert/--tls-key.")
-    from zeusd.auth import TokenVerifier, load_signing_key
+class AuthService(Service):
+    """The signing key, read at (privileged) start; verifies tokens for the root resource."""
 
-    return TokenVerifier(load_signing_key(config.signing_key_path))
+    name = "auth"
 
-
-def prepare_socket_path(path: str) -> None:
-    """Make ``path`` free for a new socket without ever harming something else.
-
-    A dead socket (a crashed daemon's) is removed; a live one, or anything
-    that is not a socket, is refused.
-    """
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        parent = os.path.dirname(path) or "."
-        if not os.path.isdir(parent):
-            os.makedirs(parent, mode=0o755, exist_ok=True)
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise StartupError(f"{path} exists and is not a socket; refusing to replace it. Remove it or pick another --socket-path.")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(path)
-    except ConnectionRefusedError:
-        log.info("Removing stale socket {path} left by a previous run", path=path)
-        os.unlink(path)
-        return
-    except OSError as e:
-        raise StartupError(f"Cannot tell whether {path} is in use ({e}); refusing to replace it.") from None
-    finally:
-        probe.close()
-    raise StartupError(f"Another process is already serving on {path}; refusing to take over its socket.")
-
-
-class ZeusdService(MultiService):
-    """The daemon: listens in ``privilegedStartService`` so bind errors stop startup."""
-
-    def __init__(self, reactor: Any, config: ServeConfig, site: ZeusdSite, endpoint: IStreamServerEndpoint) -> None:
-        super().__init__()
-        self.reactor = reactor
-        self.config = config
-        self.site = site
-        self.endpoint = endpoint
-        self.port: IListeningPort | None = None
-        self.gpus: GpuManager | None = None
-        self.cpus: CpuManager | None = None
-        self.hubs: list[StreamHub] = []
-        self.gpu_backend: GPUBackend | None = None
-        self._listen_attempted = False
+    def __init__(self, key_path: str) -> None:
+        self._key_path = key_path
+        self._verifier: Any = None
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
-        self._listen()
+        self._load()
 
-    def _listen(self) -> None:
-        self._listen_attempted = True
-        raise_fd_limit()
-        # The shared pool runs RAPL reads and metrics rendering; one thread per
-        # package on top keeps a hung sysfs read from starving the rest. (GPUs
-        # have their own command and power-reader threads.)
-        self.reactor.suggestThreadPoolSize(self.config.num_workers + self._cpu_package_count())
-        if self.config.mode == "uds":
-            prepare_socket_path(self.config.socket_path)
-            old_umask = os.umask(0o177)  # no window with a wider mode before the chmod
-            try:
-                listening = self.endpoint.listen(self.site)
-            finally:
-                os.umask(old_umask)
-        else:
-            listening = self.endpoint.listen(self.site)
-        failures: list[Any] = []
-        listening.addCallbacks(lambda port: setattr(self, "port", port), failures.append)
-        if failures:
-            raise StartupError(f"Cannot listen on {self._where()}: {failures[0].getErrorMessage()}")
-        if self.config.mode == "uds" and (self.config.socket_uid is not None or self.config.socket_gid is not None):
-            uid = -1 if self.config.socket_uid is None else self.config.socket_uid
-            gid = -1 if self.config.socket_gid is None else self.config.socket_gid
-            os.chown(self.config.socket_path, uid, gid)
-        log.info("zeusd {version} listening on {where}", version=__version__, where=self._where())
+    def startService(self) -> None:
+        self._load()
+        super().startService()
+
+    def _load(self) -> None:
+        if self._verifier is None:
+            from zeusd.auth import TokenVerifier, load_signing_key
+
+            self._verifier = TokenVerifier(load_signing_key(self._key_path))
+
+    def verify_authorization(self, header: bytes | None) -> Any:
+        return self._verifier.verify_authorization(header)
+
+    def check_scope(self, claims: Any, group: str) -> None:
+        self._verifier.check_scope(claims, group)
+
+
+#: How long stopping waits for the last chunks of ended streams to leave.
+STREAM_LINGER_S = 0.05
+
+
+class StreamService(Service):
+    """The stream hubs: pollers start on demand; stopping ends every stream cleanly."""
+
+    name = "streams"
+
+    def __init__(self, reactor: Any, hubs: Sequence[StreamHub]) -> None:
+        self._reactor = reactor
+        self.hubs = list(hubs)
+
+    def stopService(self) -> "Deferred[None]":
+        super().stopService()
+        ended = sum(hub.close_all() for hub in self.hubs)
+        if not ended:
+            return succeed(None)
+        # The terminating chunks are queued in the transports; give them a moment to
+        # leave before the reactor's shutdown drops every connection.
+        return deferLater(self._reactor, STREAM_LINGER_S, lambda: None)
+
+
+class MetricsService(Service):
+    name = "metrics"
+
+    def __init__(self, metrics: DaemonMetrics) -> None:
+        self.metrics = metrics
 
     def startService(self) -> None:
         super().startService()
-        if not self._listen_attempted:
-            self._listen()  # ``twist`` starts services without privilegedStartService
-        if self.cpus is not None:
-            self.cpus.start_wrap_guard()
+        self.metrics.start()
+
+
+# The tree ---------------------------------------------------------------------------
+
+
+class ZeusdService(MultiService):
+    """The daemon: starts its children in order, stops them in reverse, one at a time.
+
+    A startup error in any child undoes what the others started, then stops the
+    process with one ``Error:`` line (:func:`zeusd.startup.fail_startup`), or,
+    with ``exit_on_startup_error=False`` (tests), raises it.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        config: ServeConfig,
+        discovery: Any,
+        notifier: Notifier | None = None,
+        exit_on_startup_error: bool = True,
+    ) -> None:
+        super().__init__()
+        self._reactor = reactor
+        self.config = config
+        self._discovery = discovery
+        self._notifier = notifier or Notifier(None)
+        self._exit_on_startup_error = exit_on_startup_error
+        self._privileged_started: list[Any] = []
+
+    def privilegedStartService(self) -> None:
+        self._start_children("privilegedStartService", self._privileged_started)
+
+    def startService(self) -> None:
+        Service.startService(self)
+        raise_fd_limit()
+        self._reactor.suggestThreadPoolSize(self.config.num_workers)
+        started: list[Any] = []
+        self._start_children("startService", started)
+        self._reactor.callWhenRunning(self._serving)
+
+    def _start_children(self, method: str, started: list[Any]) -> None:
+        for child in self:
+            try:
+                getattr(child, method)()
+            except StartupError as error:
+                self._undo([*self._privileged_started, *started])
+                self._fail(error)
+            if child not in started:
+                started.append(child)
+
+    def _undo(self, started: list[Any]) -> None:
+        for child in reversed(list(dict.fromkeys(started))):
+            try:
+                child.stopService()
+            except Exception:
+                log.failure("Undoing {child} after a startup error failed", child=getattr(child, "name", child))
+        self._privileged_started.clear()
+
+    def _fail(self, error: StartupError) -> None:
+        if self._exit_on_startup_error:
+            fail_startup(error)
+        raise error
+
+    def _serving(self) -> None:
+        discovery = self._discovery()
+        log.info("Discovered devices: {discovery}", discovery=discovery)
+        log.info(
+            "zeusd {version} serving {gpus} GPU(s) and {cpus} CPU package(s); streams in {stream_format} format "
+            "(zeus {clients} clients{other})",
+            version=__version__,
+            gpus=len(discovery["gpu_ids"]),
+            cpus=len(discovery["cpu_ids"]),
+            stream_format=self.config.stream_format,
+            clients="0.15.x" if self.config.stream_format == "v0.4" else "0.16.x",
+            other="; zeus 0.16.x clients need --stream-format v0.5"
+            if self.config.stream_format == "v0.4"
+            else "; zeus 0.15.x clients need --stream-format v0.4",
+        )
+        self._notifier.notify("READY=1", f"STATUS=Serving {len(discovery['gpu_ids'])} GPU(s), {len(discovery['cpu_ids'])} CPU package(s)")
         # What exists now (modules, routes, devices) lives as long as the
         # process: moving it out of the collector's reach keeps full GC passes
         # from rescanning it. Under load that cuts the p99 latency of short
         # requests from ~65 ms to ~13 ms (docs/performance.md).
-        self.reactor.callWhenRunning(gc.freeze)
+        gc.freeze()
 
-    def _cpu_package_count(self) -> int:
-        return len(self.cpus.packages) if self.cpus else 0
-
-    def _where(self) -> str:
-        return self.config.socket_path if self.config.mode == "uds" else str(self.config.tcp_address)
-
-    @defer.inlineCallbacks
+    @inlineCallbacks
     def stopService(self) -> Any:
-        yield super().stopService()
-        if self.port is not None:
-            yield self.port.stopListening()  # removes the socket file in UDS mode
-            self.port = None
-        for hub in self.hubs:
-            hub.close_all()
-        if self.cpus is not None:
-            self.cpus.stop()
-        if self.gpus is not None:
-            idle = self.gpus.when_idle()
-            idle.addTimeout(SHUTDOWN_GRACE_S, self.reactor)
+        self._notifier.notify("STOPPING=1")
+        Service.stopService(self)
+        for child in reversed(list(self)):
             try:
-                yield idle
-            except defer.TimeoutError:
-                log.warn("Shutting down with GPU commands still queued after {s:g} s", s=SHUTDOWN_GRACE_S)
-            # Let the responses of commands that just finished reach their clients.
-            yield deferLater(self.reactor, 0.05, lambda: None)
-            self.gpus.close()
-        if self.gpu_backend is not None:
-            self.gpu_backend.close()
+                yield maybeDeferred(child.stopService)
+            except Exception:
+                log.failure("Stopping {child} failed", child=getattr(child, "name", child))
+        self._privileged_started.clear()
         log.info("zeusd stopped")
 
 
-def tls_options(cert_path: str, key_path: str) -> Any:
-    """Server TLS settings from PEM files; TLS 1.2+ and Twisted's default ciphers."""
-    from twisted.internet import ssl
+def make_daemon(config: ServeConfig, reactor: Any = None) -> ZeusdService:
+    """What every entry point runs: log the configuration, check it, build the tree.
 
-    key_mode = _mode_of(key_path)
-    if key_mode & 0o077:
-        raise StartupError(
-            f"TLS key file '{key_path}' is accessible by other users (mode {key_mode:o}); run: chmod 600 {key_path}"
-        )
+    A configuration that cannot start ends the process here, with one
+    ``Error:`` line and exit status 1: under ``twistd`` this is still before
+    the fork, so the line reaches the terminal.
+    """
+    for line in config.summary():
+        log.info("Configuration: {line}", line=line)
     try:
-        with open(cert_path, "rb") as f:
-            cert_pem = f.read()
-        with open(key_path, "rb") as f:
-            key_pem = f.read()
-        certificate = ssl.PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem)
-        chain = [ssl.Certificate.loadPEM(pem) for pem in _extra_certificates(cert_pem)]
-    except Exception as e:  # OpenSSL reports bad PEM in many ways
-        raise StartupError(f"Cannot load TLS certificate/key: {e}") from None
-    return ssl.CertificateOptions(
-        privateKey=certificate.privateKey.original,
-        certificate=certificate.original,
-        extraCertChain=[c.original for c in chain],
-        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
-    )
+        preflight(config)
+    except StartupError as error:
+        log.error("Error: {error}", error=str(error))
+        print_error(error)
+        raise SystemExit(1) from None
+    return make_service(config, reactor, notifier=Notifier.from_environment())
 
 
-def _mode_of(path: str) -> int:
-    try:
-        return stat.S_IMODE(os.stat(path).st_mode)
-    except OSError as e:
-        raise StartupError(f"Cannot read TLS key file '{path}': {e.strerror}") from None
-
-
-def _extra_certificates(pem: bytes) -> list[bytes]:
-    marker = b"-----END CERTIFICATE-----"
-    blocks = [block + marker for block in pem.split(marker) if b"-----BEGIN CERTIFICATE-----" in block]
-    return blocks[1:]
-
-
-def raise_fd_limit(wanted: int = 65536) -> None:
-    """Every stream subscriber is a file descriptor: lift the soft limit toward the hard one."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    if soft != resource.RLIM_INFINITY and soft < target:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        log.info("Raised the open-file limit from {soft} to {target}", soft=soft, target=target)
-
-
-def make_endpoint(reactor: Any, config: ServeConfig) -> IStreamServerEndpoint:
-    if config.mode == "uds":
-        return UNIXServerEndpoint(reactor, config.socket_path, backlog=128, mode=config.socket_permissions)
-    address = config.tcp_address
-    if config.tls_cert_path is not None and config.tls_key_path is not None:
-        from twisted.internet.endpoints import SSL4ServerEndpoint
-
-        return SSL4ServerEndpoint(
-            reactor, address.port, tls_options(config.tls_cert_path, config.tls_key_path), backlog=128, interface=address.host
-        )
-    endpoint_type = TCP6ServerEndpoint if address.is_ipv6 else TCP4ServerEndpoint
-    return endpoint_type(reactor, address.port, backlog=128, interface=address.host)
-
-
-def make_service(config: ServeConfig, reactor: Any = None) -> ZeusdService:
-    """Build the whole daemon; raises StartupError for anything that stops startup."""
+def make_service(
+    config: ServeConfig,
+    reactor: Any = None,
+    executors: ExecutorFactory | None = None,
+    notifier: Notifier | None = None,
+    exit_on_startup_error: bool = True,
+) -> ZeusdService:
+    """Build the daemon's service tree (see the module docstring); opens and starts nothing."""
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    log.info("Starting zeusd {version} with {config}", version=__version__, config=config)
-    check_privileges(config)
-    log.info("Enabled API groups: {groups}", groups=", ".join(g.value for g in config.enabled_groups))
-    authenticator = load_authenticator(config)
-
+    executors = executors or thread_executors(reactor)
     groups: dict[ApiGroup, IResource] = {}
-    gpu_backend: GPUBackend | None = None
+    children: list[Service] = []
     gpus: GpuManager | None = None
     cpus: CpuManager | None = None
     hubs: list[StreamHub] = []
-    gpu_devices: Sequence[GPU] = []
-    packages: list[CpuPackage] = []
-
-    # ``metrics`` opens no device of its own: it covers what the other groups opened.
     metrics = DaemonMetrics() if config.enabled(ApiGroup.METRICS) else None
+    clocks = LockedClocks() if metrics is not None and config.enabled(ApiGroup.GPU_CONTROL) else None
+
+    auth: AuthService | None = None
+    if config.signing_key_path is not None:
+        auth = AuthService(config.signing_key_path)
+        children.append(auth)
 
     if config.enabled(ApiGroup.GPU_CONTROL) or config.enabled(ApiGroup.GPU_READ):
-        gpu_backend = open_gpu_backend(config)
-        gpu_devices = gpu_backend.gpus
-        if metrics is not None and config.enabled(ApiGroup.GPU_CONTROL):
-            gpu_devices = _track_clocks(gpu_devices)
-        gpus = GpuManager(reactor, gpu_devices)
-        if not gpu_devices:
-            log.warn("GPU API groups are enabled but no GPU was found.")
+        gpus = GpuManager(reactor, executors)
+        gpus_required = config.groups_explicit and (
+            config.enabled(ApiGroup.GPU_CONTROL) or config.enabled(ApiGroup.GPU_READ)
+        )
+        children.append(GpuService(reactor, gpus, lambda: open_gpu_backend(config), gpus_required))
+        if clocks is not None:
+            gpus.observers.append(clocks)
         if config.enabled(ApiGroup.GPU_CONTROL):
             groups[ApiGroup.GPU_CONTROL] = gpu_control_resource(gpus)
         if config.enabled(ApiGroup.GPU_READ):
             gpu_hub = StreamHub(
-                reactor, "GPU", GpuPowerSampler(gpus), config.gpu_power_poll_hz, GPU_ENCODERS, config.stream_format,
-                config.sse_keepalive_s, config.sse_stall_timeout_s,
+                reactor, "GPU", GpuPowerSampler(reactor, gpus), config.gpu_power_poll_hz, GPU_ENCODERS,
+                config.stream_format, config.sse_keepalive_s, config.sse_stall_timeout_s,
             )
             hubs.append(gpu_hub)
             groups[ApiGroup.GPU_READ] = gpu_read_resource(gpus, gpu_hub)
 
     if config.enabled(ApiGroup.CPU_READ):
-        packages = open_cpu_packages(config)
-        if not packages:
-            log.warn("The cpu-read API group is enabled but no RAPL package was found.")
-        cpus = CpuManager(reactor, packages)
+        cpus = CpuManager(reactor, executors)
+        children.append(CpuService(reactor, cpus, lambda: discover_cpu_packages(config), _missing_cpus(config)))
         cpu_hub = StreamHub(
-            reactor, "CPU", CpuPowerSampler(cpus), config.cpu_power_poll_hz, CPU_ENCODERS, config.stream_format,
-            config.sse_keepalive_s, config.sse_stall_timeout_s,
+            reactor, "CPU", CpuPowerSampler(reactor, cpus), config.cpu_power_poll_hz, CPU_ENCODERS,
+            config.stream_format, config.sse_keepalive_s, config.sse_stall_timeout_s,
         )
         hubs.append(cpu_hub)
         groups[ApiGroup.CPU_READ] = cpu_read_resource(reactor, cpus, cpu_hub, 1.0 / config.cpu_power_poll_hz)
 
-    discovery = discovery_info(config, gpu_devices, packages)
-    log.info("Discovered devices: {discovery}", discovery=discovery)
-    server = server_resource(discovery, authenticator)
+    children.append(StreamService(reactor, hubs))
+    server = server_resource(lambda: discovery_info(config, gpus, cpus), auth)
     if metrics is not None:
         if gpus is not None:
             gpus.on_read_error = lambda gpu, what: metrics.device_read_failed("gpu", gpu, what)
         if cpus is not None:
             cpus.on_read_error = lambda cpu, what: metrics.device_read_failed("cpu", cpu, what)
-        groups[ApiGroup.METRICS] = metrics_resource(Scraper(reactor, metrics, __version__, gpus, cpus, hubs))
+        groups[ApiGroup.METRICS] = metrics_resource(Scraper(reactor, metrics, __version__, gpus, cpus, hubs, clocks))
         routes = route_paths([server, *groups.values()])
         metrics.known_routes = frozenset(routes)
         metrics.streaming_routes = frozenset(r for r in routes if r.endswith("/stream_power"))
-    root = ZeusdRoot(server, groups, authenticator, metrics)
-    site = ZeusdSite(root, timeout=IDLE_TIMEOUT_S)
+        children.append(MetricsService(metrics))
+
+    site = ZeusdSite(ZeusdRoot(server, groups, auth, metrics), timeout=IDLE_TIMEOUT_S)
     site.noisy = False
     site.displayTracebacks = False
-    service = ZeusdService(reactor, config, site, make_endpoint(reactor, config))
-    service.gpus, service.cpus, service.hubs, service.gpu_backend = gpus, cpus, hubs, gpu_backend
+    for spec in config.listeners:
+        children.append(ListenerService(reactor, spec, site, config.socket_owner))
+
+    service = ZeusdService(
+        reactor, config, lambda: discovery_info(config, gpus, cpus), notifier, exit_on_startup_error
+    )
+    for child in children:
+        child.setServiceParent(service)
     return service

@@ -1,27 +1,33 @@
 """Running blocking device calls off the reactor thread.
 
-Two tools, each for one job:
+Three tools, each for one job:
 
-* :class:`SerialExecutor`: one daemon thread with a FIFO queue, one per GPU,
-  so that commands for a GPU take effect strictly in arrival order while
-  different GPUs proceed in parallel. (``deferToThread`` alone cannot give
-  per-GPU ordering: the shared pool runs queued calls on whichever thread is
-  free.)
-* :class:`SingleFlight`: shares one in-flight read between every caller that
+* :class:`SerialExecutor`: one thread with a FIFO queue, one per GPU (and per
+  CPU package), so that commands for a device take effect strictly in arrival
+  order while different devices proceed in parallel. (``deferToThread`` alone
+  cannot give per-device ordering: the shared pool runs queued calls on
+  whichever thread is free.) Its thread starts in :meth:`~SerialExecutor.start`,
+  never in the constructor, so a daemon that forks after building its objects
+  (``twistd``) still has its threads in the process that serves.
+* :class:`SingleFlight`: shares one in-flight call between every caller that
   wants the same reading at the same time, so a hung device ties up at most
-  one pool thread per reading however many pollers and requests ask for it.
+  one queued call per reading however many pollers and requests ask for it.
+* :func:`gather_within`: waits for several devices under one deadline; a
+  device that outlasts it is reported as hung without holding up the others.
+
+Anything that runs calls and hands back Deferreds on the reactor thread can
+stand in for :class:`SerialExecutor` (the :class:`Executor` protocol): the
+tests use an executor that runs a call only when the test says so.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-import time
-from typing import Any, Callable, Hashable, Mapping, TypeVar
+from typing import Any, Callable, Hashable, Mapping, Protocol, TypeVar
 
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
-from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 
 from zeusd.devices.base import DeviceError
@@ -31,39 +37,62 @@ T = TypeVar("T")
 _STOP = object()
 
 
+class Executor(Protocol):
+    """Runs blocking calls of one device in submission order."""
+
+    @property
+    def pending(self) -> int:
+        """Submitted calls that have not finished yet (queued or running)."""
+        ...
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> "Deferred[T]":
+        """Queue ``fn(*args)``; the Deferred fires on the reactor thread."""
+        ...
+
+    def when_idle(self) -> "Deferred[None]":
+        """Fires once every call submitted so far has finished."""
+        ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None:
+        """Finish the calls already queued, then run nothing more."""
+        ...
+
+
+#: Makes the executor of one device, given a name for its thread.
+ExecutorFactory = Callable[[str], Executor]
+
+
 class SerialExecutor:
     """Runs submitted calls one at a time, in submission order, on its own thread."""
 
     def __init__(self, reactor: IReactorFromThreads, name: str) -> None:
         self._reactor = reactor
+        self._name = name
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._pending = 0
-        self._started_at: float | None = None
         self._idle_waiters: list[Deferred[None]] = []
-        # A daemon thread: a hung driver call must never keep the process alive.
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
 
     @property
     def pending(self) -> int:
-        """Submitted calls that have not finished yet (queued or running)."""
         return self._pending
 
-    @property
-    def busy_for(self) -> float:
-        """Seconds the current call has been running (0 when idle)."""
-        started = self._started_at
-        return 0.0 if started is None else time.monotonic() - started
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError(f"executor {self._name} already started")
+        # A daemon thread: a hung driver call must never keep the process alive.
+        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+        self._thread.start()
 
     def submit(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
-        """Queue ``fn(*args)``; the Deferred fires on the reactor thread."""
         d: Deferred[T] = Deferred()
         self._pending += 1
         self._queue.put((d, fn, args))
         return d
 
     def when_idle(self) -> Deferred[None]:
-        """Fires once every call submitted so far has finished."""
         d: Deferred[None] = Deferred()
         if self._pending == 0:
             d.callback(None)
@@ -72,7 +101,8 @@ class SerialExecutor:
         return d
 
     def stop(self) -> None:
-        """Let the thread exit after the calls already queued."""
+        """Let the thread exit after the calls already queued (it is not joined:
+        a call hung in a driver cannot be interrupted, and must not hang shutdown)."""
         self._queue.put(_STOP)
 
     def _run(self) -> None:
@@ -81,14 +111,12 @@ class SerialExecutor:
             if item is _STOP:
                 return
             d, fn, args = item
-            self._started_at = time.monotonic()
             try:
                 result: Any = fn(*args)
                 ok = True
             except BaseException:
                 result = Failure()
                 ok = False
-            self._started_at = None
             self._reactor.callFromThread(self._finish, d, ok, result)
 
     def _finish(self, d: Deferred[Any], ok: bool, result: Any) -> None:
@@ -103,12 +131,17 @@ class SerialExecutor:
                 waiter.callback(None)
 
 
+def thread_executors(reactor: IReactorFromThreads) -> ExecutorFactory:
+    """The production factory: one :class:`SerialExecutor` thread per device."""
+    return lambda name: SerialExecutor(reactor, name)
+
+
 class SingleFlight:
     """At most one running call per key; concurrent callers share its result.
 
-    ``run(fn, *args)`` starts the call and returns its Deferred: on a thread
-    pool (:func:`on_pool`), on a device's own :meth:`SerialExecutor.submit`,
-    or directly when ``fn`` is itself asynchronous (a metrics snapshot).
+    ``run(fn, *args)`` starts the call and returns its Deferred: on a device's
+    own :meth:`Executor.submit`, or directly when ``fn`` is itself
+    asynchronous (a metrics snapshot).
     """
 
     def __init__(self, run: Callable[..., "Deferred[Any]"]) -> None:
@@ -141,15 +174,6 @@ class SingleFlight:
                 waiter.errback(result)
             else:
                 waiter.callback(result)
-
-
-def on_pool(reactor: IReactorFromThreads, pool: Any) -> Callable[..., "Deferred[Any]"]:
-    """A SingleFlight runner on a shared thread pool."""
-
-    def run(fn: Callable[..., Any], *args: Any) -> "Deferred[Any]":
-        return deferToThreadPool(reactor, pool, fn, *args)
-
-    return run
 
 
 def gather(deferreds: Mapping[int, "Deferred[Any]"]) -> "Deferred[Any]":

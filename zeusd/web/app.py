@@ -17,7 +17,7 @@ counted, under its known route or ``other``, when its response ends.
 from __future__ import annotations
 
 import time
-from typing import Any, Iterable, Mapping, Protocol
+from typing import Any, Callable, Iterable, Mapping, Protocol
 from urllib.parse import unquote_to_bytes
 
 from klein import Klein
@@ -96,15 +96,21 @@ class ZeusdSite(Site):
         )
 
 
-def server_resource(discovery: Mapping[str, Any], authenticator: Authenticator | None) -> IResource:
-    """``/discover``, ``/time`` and ``/auth/whoami``: present whatever is enabled."""
+def server_resource(discovery: Callable[[], Mapping[str, Any]], authenticator: Authenticator | None) -> IResource:
+    """``/discover``, ``/time`` and ``/auth/whoami``: present whatever is enabled.
+
+    ``discovery`` is called once, at the first ``/discover``: devices are only
+    known once the daemon has started, and do not change after that.
+    """
     app = Klein()
     install_error_handlers(app)
-    discovery_body = to_json(discovery)
+    discovery_body: list[bytes] = []
 
     @app.route("/discover", methods=["GET"])
     def discover(request: IRequest) -> bytes:
-        return json_body(request, discovery_body)
+        if not discovery_body:
+            discovery_body.append(to_json(discovery()))
+        return json_body(request, discovery_body[0])
 
     @app.route("/time", methods=["GET"])
     def now(request: IRequest) -> bytes:

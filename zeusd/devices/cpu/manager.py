@@ -1,4 +1,11 @@
-"""The CPU packages as the service sees them: non-blocking reads and power math."""
+"""The CPU packages as the service sees them: non-blocking reads and power math.
+
+Every read of a package runs on that package's own executor (one thread per
+package, like upstream's per-package worker), so a package whose sysfs read
+hangs holds only its own thread, and reads of one package never race each
+other. Concurrent requests for the same reading share one call
+(:class:`SingleFlight`), which also bounds what can queue up behind a hung read.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +14,12 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from zeusd.devices.base import DeviceError
 from zeusd.devices.cpu.base import CpuPackage, MonotonicEnergy
-from zeusd.devices.executor import SingleFlight, gather_within, on_pool
+from zeusd.devices.executor import Executor, ExecutorFactory, SingleFlight, gather_within
 from zeusd.devices.readings import Results, wall_clock_ms
 
 log = Logger()
@@ -58,14 +64,42 @@ def _sample(package: CpuPackage) -> EnergySample:
     return EnergySample(cpu, dram, time.monotonic(), wall_clock_ms())
 
 
+def hung_error(index: int) -> DeviceError:
+    return DeviceError(f"CPU {index} did not answer within {DEVICE_TIMEOUT_S:g} s.")
+
+
+def wrap_guard_interval(zones: Sequence[MonotonicEnergy]) -> float:
+    """Half the shortest time any zone can take to wrap at ``MAX_PLAUSIBLE_ZONE_W``.
+
+    A counter is only corrected for wraparound if it is read at least once per
+    wrap, and nothing else may read an idle package for hours (about two
+    minutes between guard reads on Intel parts).
+    """
+    shortest = min(z.zone.max_energy_range_uj for z in zones) / (MAX_PLAUSIBLE_ZONE_W * 1e6)
+    return min(max(shortest / 2, 1.0), 600.0)
+
+
 class CpuManager:
-    def __init__(self, reactor: Any, packages: Sequence[CpuPackage]) -> None:
+    def __init__(self, reactor: Any, executors: ExecutorFactory) -> None:
         self._reactor = reactor
-        self.packages = {p.index: p for p in packages}
-        self._reads = SingleFlight(on_pool(reactor, reactor.getThreadPool()))
-        self._guard: LoopingCall | None = None
+        self._make_executor = executors
+        self.packages: dict[int, CpuPackage] = {}
+        self._executors: dict[int, Executor] = {}
+        self._reads: dict[int, SingleFlight] = {}
         #: Called on the reactor thread with (package, what) for every failed read (metrics).
         self.on_read_error: Callable[[int, str], None] | None = None
+
+    def open(self, packages: Sequence[CpuPackage]) -> None:
+        """Take the packages and start one executor for each."""
+        self.packages = {p.index: p for p in packages}
+        self._executors = {i: self._make_executor(f"zeusd-cpu-{i}") for i in self.packages}
+        self._reads = {i: SingleFlight(e.submit) for i, e in self._executors.items()}
+        for executor in self._executors.values():
+            executor.start()
+
+    def close(self) -> None:
+        for executor in self._executors.values():
+            executor.stop()
 
     @property
     def ids(self) -> list[int]:
@@ -74,69 +108,48 @@ class CpuManager:
     def read_energy(self, ids: Iterable[int], cpu: bool, dram: bool) -> "Deferred[Results[tuple[int | None, int | None]]]":
         return self._gather_bounded(
             {
-                i: self._reads.call(("energy", i, cpu, dram), self.packages[i].read_energy_uj, cpu, dram)
+                i: self._reads[i].call(("energy", cpu, dram), self.packages[i].read_energy_uj, cpu, dram)
                 for i in dict.fromkeys(ids)
             }
         )
 
-    def sample(self, ids: Iterable[int], skip_busy: bool = False) -> "Deferred[Results[EnergySample]]":
-        """Both counters of each package, for power computed from deltas."""
-        reads = {}
-        for i in dict.fromkeys(ids):
-            key = ("sample", i)
-            if skip_busy and self._reads.in_flight(key):
-                continue
-            reads[i] = self._reads.call(key, _sample, self.packages[i])
-        return self._gather_bounded(reads)
+    def sample(self, ids: Iterable[int]) -> "Deferred[Results[EnergySample]]":
+        """Both counters of each package, for power computed from deltas (bounded wait)."""
+        return self._gather_bounded({i: self.sample_one(i) for i in dict.fromkeys(ids)})
 
-    def _gather_bounded(self, reads: "dict[int, Deferred[Any]]") -> "Deferred[Results[Any]]":
-        return gather_within(self._reactor, reads, DEVICE_TIMEOUT_S, self._read_failed)
+    def sample_one(self, index: int) -> "Deferred[EnergySample]":
+        """One package's counters, shared with concurrent readers; unbounded (for streams)."""
+        return self._reads[index].call("sample", _sample, self.packages[index])
 
-    def _read_failed(self, failure: Failure, index: int) -> DeviceError:
+    def read_stale(self, older_than_s: float) -> None:
+        """Read every zone no one has read for ``older_than_s`` (the wraparound guard).
+
+        One guard read per package at a time: behind a hung read, nothing piles up.
+        """
+        now = time.monotonic()
+        for index, package in self.packages.items():
+            stale = [z for z in package.zones if now - z.last_read_at > older_than_s]
+            if stale:
+                d: Deferred[None] = self._reads[index].call("guard", _read_quietly, stale)
+                d.addErrback(_guard_failed, index)
+
+    def read_failed(self, failure: Failure, index: int, what: str = "energy read") -> DeviceError:
+        """Count a failed read and turn it into the DeviceError clients see."""
         if self.on_read_error is not None:
-            self.on_read_error(index, "energy read")
+            self.on_read_error(index, what)
         if isinstance(failure.value, DeviceError):
             return failure.value
         if failure.check(TimeoutError, CancelledError):
-            return DeviceError(f"CPU {index} did not answer within {DEVICE_TIMEOUT_S:g} s.")
+            return hung_error(index)
         log.failure("Unexpected error from CPU {index}", failure, index=index)
         return DeviceError(f"IOError: {failure.getErrorMessage()}")
 
-    # Wraparound guard -------------------------------------------------------
+    def _gather_bounded(self, reads: "dict[int, Deferred[Any]]") -> "Deferred[Results[Any]]":
+        return gather_within(self._reactor, reads, DEVICE_TIMEOUT_S, self.read_failed)
 
-    def start_wrap_guard(self) -> None:
-        """Read idle counters often enough that no wrap can go unseen.
 
-        A counter is only corrected for wraparound if it is read at least once
-        per wrap; nothing else may read an idle package for hours. The guard
-        runs at half the shortest time any zone can take to wrap at
-        ``MAX_PLAUSIBLE_ZONE_W`` (about two minutes on Intel parts) and skips
-        zones that something else read recently.
-        """
-        zones = self._zones()
-        if not zones:
-            return
-        shortest = min(z.zone.max_energy_range_uj for z in zones) / (MAX_PLAUSIBLE_ZONE_W * 1e6)
-        interval = min(max(shortest / 2, 1.0), 600.0)
-        self._guard = LoopingCall(self._guard_tick, interval)
-        self._guard.clock = self._reactor
-        self._guard.start(interval, now=False).addErrback(
-            lambda f: log.failure("RAPL wraparound guard stopped", f)
-        )
-
-    def _zones(self) -> list[MonotonicEnergy]:
-        return [z for p in self.packages.values() for z in (p.package, p.dram) if z is not None]
-
-    def _guard_tick(self, interval: float) -> "Deferred[Any] | None":
-        now = time.monotonic()
-        stale = [z for z in self._zones() if now - z.last_read_at > interval]
-        if not stale:
-            return None
-        return self._reads.call(("guard",), _read_quietly, stale)
-
-    def stop(self) -> None:
-        if self._guard is not None and self._guard.running:
-            self._guard.stop()
+def _guard_failed(failure: Failure, index: int) -> None:
+    log.failure("Wraparound guard read of CPU {index} failed", failure, index=index)
 
 
 def _read_quietly(zones: list[MonotonicEnergy]) -> None:

@@ -29,6 +29,14 @@ class GPU(Protocol):
         """Whether the cumulative-energy counter worked at startup (Volta and newer)."""
         ...
 
+    @property
+    def power_limit_range_mw(self) -> tuple[int, int] | None:
+        """The power limits the device accepts, as it reported them at startup (None: unknown).
+
+        Lets a request with an impossible limit be refused before anything is queued.
+        """
+        ...
+
     # Reads.
     def get_instant_power_mw(self) -> int: ...
 
@@ -59,6 +67,11 @@ class GPUBackend(Protocol):
 
     @property
     def gpus(self) -> Sequence[GPU]: ...
+
+    @property
+    def absence(self) -> str:
+        """Why there are no GPUs, for the startup error when GPUs were required."""
+        ...
 
     def close(self) -> None:
         """Release the library (called once at shutdown)."""

@@ -1,13 +1,15 @@
 """The GPUs as the service sees them: ordered control, shared reads, no blocking.
 
 * Control commands and queued reads (energy, limits, persistence) of a GPU go
-  through that GPU's :class:`SerialExecutor`, strictly in arrival order.
+  through that GPU's command executor, strictly in arrival order.
 * Instant-power reads skip the queue (a power reading is independent of a
   pending control command, and must stay fresh while one runs). They run on
-  the GPU's own reader thread through :class:`SingleFlight`, so concurrent
-  pollers and one-shot requests share one NVML call per GPU, and a GPU whose
-  read hangs ties up only its own thread. (A dedicated thread with a
-  ``SimpleQueue`` also costs a fraction of a shared pool's hand-off.)
+  the GPU's own reader executor through :class:`SingleFlight`, so concurrent
+  pollers and one-shot requests share one device call per GPU, and a GPU whose
+  read hangs ties up only its own thread.
+
+The manager is built empty; :meth:`GpuManager.open` gives it the GPUs and
+starts their executors (from the GPU service's start, never earlier).
 """
 
 from __future__ import annotations
@@ -20,35 +22,60 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from zeusd.devices.base import DeviceError
-from zeusd.devices.executor import SerialExecutor, SingleFlight, gather_within
+from zeusd.devices.executor import Executor, ExecutorFactory, SingleFlight, gather_within
 from zeusd.devices.gpu.base import GPU
+from zeusd.devices.gpu.control import CommandObserver, ControlOperation
 from zeusd.devices.readings import Reading, Results, wall_clock_ms
 
 log = Logger()
 T = TypeVar("T")
+A = TypeVar("A")
 
 #: How long a request waits on one GPU before it reports that GPU as hung.
 DEVICE_TIMEOUT_S = 5.0
+
+_POWER = "power"
+
+
+def hung_error(gpu: int, what: str) -> DeviceError:
+    return DeviceError(f"GPU {gpu} did not answer {what} within {DEVICE_TIMEOUT_S:g} s.", 500)
 
 
 def _as_device_error(failure: Failure, gpu: int, what: str) -> DeviceError:
     if isinstance(failure.value, DeviceError):
         return failure.value
     if failure.check(TimeoutError, CancelledError):
-        return DeviceError(f"GPU {gpu} did not answer {what} within {DEVICE_TIMEOUT_S:g} s.", 500)
+        return hung_error(gpu, what)
     log.failure("Unexpected error from GPU {gpu} during {what}", failure, gpu=gpu, what=what)
     return DeviceError(f"Unexpected error from GPU {gpu}: {failure.getErrorMessage()}", 500)
 
 
 class GpuManager:
-    def __init__(self, reactor: Any, gpus: Sequence[GPU]) -> None:
+    def __init__(self, reactor: Any, executors: ExecutorFactory) -> None:
         self._reactor = reactor
-        self.gpus = list(gpus)
-        self._queues = [SerialExecutor(reactor, f"zeusd-gpu-{gpu.index}") for gpu in self.gpus]
-        self._readers = [SerialExecutor(reactor, f"zeusd-gpu-{gpu.index}-power") for gpu in self.gpus]
-        self._power_reads = [SingleFlight(reader.submit) for reader in self._readers]
+        self._make_executor = executors
+        self.gpus: list[GPU] = []
+        self._queues: list[Executor] = []
+        self._readers: list[Executor] = []
+        self._power_reads: list[SingleFlight] = []
+        #: Told how every control command ended (metrics track locked clocks this way).
+        self.observers: list[CommandObserver] = []
         #: Called on the reactor thread with (gpu, what) for every failed read (metrics).
         self.on_read_error: Callable[[int, str], None] | None = None
+
+    def open(self, gpus: Sequence[GPU]) -> None:
+        """Take the GPUs and start one command and one power-reader executor for each."""
+        self.gpus = list(gpus)
+        self._queues = [self._make_executor(f"zeusd-gpu-{gpu.index}") for gpu in self.gpus]
+        self._readers = [self._make_executor(f"zeusd-gpu-{gpu.index}-power") for gpu in self.gpus]
+        self._power_reads = [SingleFlight(reader.submit) for reader in self._readers]
+        for executor in (*self._queues, *self._readers):
+            executor.start()
+
+    def close(self) -> None:
+        """Let every executor finish what it was given and exit."""
+        for executor in (*self._queues, *self._readers):
+            executor.stop()
 
     @property
     def ids(self) -> range:
@@ -57,24 +84,34 @@ class GpuManager:
     def pending(self, gpu: int) -> int:
         return self._queues[gpu].pending
 
+    @property
+    def idle(self) -> bool:
+        """No control command or queued read is waiting or running."""
+        return all(q.pending == 0 for q in self._queues)
+
     # Control ---------------------------------------------------------------
 
-    def submit(
-        self, gpu: int, description: str, method: Callable[..., None], *args: Any
-    ) -> "Deferred[None | DeviceError]":
+    def check(self, operation: ControlOperation[A], ids: Iterable[int], arguments: A) -> None:
+        """Raise InvalidArgument if any GPU would certainly refuse the command (nothing is queued)."""
+        if operation.check is not None:
+            for gpu in ids:
+                operation.check(self.gpus[gpu], arguments)
+
+    def submit(self, gpu: int, operation: ControlOperation[A], arguments: A) -> "Deferred[None | DeviceError]":
         """Queue a control command; fires (never fails) with None or the DeviceError.
 
-        ``method`` is an unbound GPU protocol method, e.g. ``GPU.set_power_limit_mw``.
         The returned Deferred is a branch: cancelling it (a caller giving up)
-        never affects the command, which still runs and is still logged.
+        never affects the command, which still runs, is still logged and still
+        reaches the observers.
         """
         device = self.gpus[gpu]
+        description = operation.describe(arguments)
         queued_at = time.monotonic()
         started: list[float] = []
 
         def run() -> None:
             started.append(time.monotonic())
-            method(device, *args)
+            operation.apply(device, arguments)
 
         def succeeded(_: None) -> None:
             now = time.monotonic()
@@ -85,11 +122,13 @@ class GpuManager:
                 queued_ms=(started[0] - queued_at) * 1000,
                 device_ms=(now - started[0]) * 1000,
             )
+            self._notify(gpu, operation, arguments, None)
             return None
 
         def failed(failure: Failure) -> DeviceError:
             error = _as_device_error(failure, gpu, description)
             log.warn("GPU {gpu}: {description} failed: {error}", gpu=gpu, description=description, error=error.message)
+            self._notify(gpu, operation, arguments, error)
             return error
 
         d = self._queues[gpu].submit(run)
@@ -103,6 +142,13 @@ class GpuManager:
 
         d.addBoth(fire)
         return branch
+
+    def _notify(self, gpu: int, operation: ControlOperation[Any], arguments: Any, error: DeviceError | None) -> None:
+        for observer in self.observers:
+            try:
+                observer.command_finished(gpu, operation, arguments, error)
+            except Exception:
+                log.failure("A command observer failed")
 
     def wait(self, gpu: int, d: "Deferred[None | DeviceError]") -> "Deferred[None | DeviceError]":
         """Bound a blocking request's wait for a queued command."""
@@ -129,37 +175,27 @@ class GpuManager:
             {gpu: self._queues[gpu].submit(read, self.gpus[gpu]) for gpu in dict.fromkeys(ids)}, what
         )
 
-    def read_power(self, ids: Iterable[int], skip_busy: bool = False) -> "Deferred[Results[Reading[int]]]":
-        """Fresh instant power of each GPU, each stamped when its read returned.
+    def read_power(self, ids: Iterable[int]) -> "Deferred[Results[Reading[int]]]":
+        """Fresh instant power of each GPU, each stamped when its read returned;
+        a GPU that takes longer than the device timeout is reported as hung."""
+        return self._gather_bounded({gpu: self.power(gpu) for gpu in dict.fromkeys(ids)}, "power read")
 
-        With ``skip_busy`` a GPU whose previous read is still running (a hung
-        device) is left out instead of waited for: pollers use it so that one
-        sick GPU never holds up the stream of the others.
-        """
-        reads: dict[int, Deferred[Reading[int]]] = {}
-        for gpu in dict.fromkeys(ids):
-            flight = self._power_reads[gpu]
-            if skip_busy and flight.in_flight(_POWER):
-                continue
-            reads[gpu] = flight.call(_POWER, _read_power, self.gpus[gpu])
-        return self._gather_bounded(reads, "power read")
+    def power(self, gpu: int) -> "Deferred[Reading[int]]":
+        """One GPU's instant power, shared with every concurrent reader; unbounded
+        (streams use it to read without ever waiting for a slow GPU)."""
+        return self._power_reads[gpu].call(_POWER, _read_power, self.gpus[gpu])
+
+    def read_failed(self, failure: Failure, gpu: int, what: str) -> DeviceError:
+        """Count a failed read and turn it into the DeviceError clients see."""
+        if self.on_read_error is not None:
+            self.on_read_error(gpu, what)
+        return _as_device_error(failure, gpu, what)
 
     def _gather_bounded(self, reads: "dict[int, Deferred[T]]", what: str) -> "Deferred[Results[T]]":
         """Every GPU's result or its error, a GPU that outlasts the bound reported as hung."""
-
-        def failed(failure: Failure, gpu: int) -> DeviceError:
-            if self.on_read_error is not None:
-                self.on_read_error(gpu, what)
-            return _as_device_error(failure, gpu, what)
-
-        return gather_within(self._reactor, reads, DEVICE_TIMEOUT_S, failed)
-
-    def close(self) -> None:
-        for q in (*self._queues, *self._readers):
-            q.stop()
-
-
-_POWER = "power"
+        return gather_within(
+            self._reactor, reads, DEVICE_TIMEOUT_S, lambda failure, gpu: self.read_failed(failure, gpu, what)
+        )
 
 
 def _read_power(gpu: GPU) -> Reading[int]:

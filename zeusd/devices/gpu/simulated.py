@@ -61,6 +61,10 @@ class SimulatedGPU:
     def energy_counter_available(self) -> bool:
         return True
 
+    @property
+    def power_limit_range_mw(self) -> tuple[int, int]:
+        return MIN_LIMIT_MW, MAX_LIMIT_MW
+
     def _demand_mw(self, t: float) -> float:
         # A workload that breathes over tens of seconds, with some faster ripple.
         utilisation = 0.65 + 0.3 * math.sin(t / 9.0 + self._phase) + 0.05 * math.sin(t * 3.1 + self._phase)
@@ -146,6 +150,10 @@ class SimulatedGPUBackend:
     @property
     def gpus(self) -> Sequence[SimulatedGPU]:
         return self._gpus
+
+    @property
+    def absence(self) -> str:
+        return "the simulated node was given no GPUs (--simulate-gpus 0)"
 
     def close(self) -> None:
         pass
