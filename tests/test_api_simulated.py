@@ -113,6 +113,25 @@ def test_bad_control_input_is_400_json_and_changes_nothing(sim_daemon: Daemon, p
 
 
 @pytest.mark.parametrize(
+    ("method", "path", "name"),
+    [
+        ("POST", "/gpu/set_persistence_mode?gpu_ids=0&enabled=maybe&block=true", "enabled"),
+        ("POST", "/gpu/set_persistence_mode?gpu_ids=0&enabled=true&block=1", "block"),
+        ("POST", "/gpu/set_power_limit?gpu_ids=0&power_limit_mw=300kW&block=true", "power_limit_mw"),
+        ("POST", "/gpu/set_gpu_locked_clocks?gpu_ids=0&min_clock_mhz=-1&max_clock_mhz=900&block=true", "min_clock_mhz"),
+        ("POST", "/gpu/set_mem_locked_clocks?gpu_ids=0&min_clock_mhz=1&max_clock_mhz=9999999999&block=true", "max_clock_mhz"),
+        ("POST", "/gpu/reset_locked_clocks?gpu_ids=0&block=yes", "block"),
+        ("GET", "/cpu/get_cumulative_energy?cpu=yes&dram=true", "cpu"),
+        ("GET", "/cpu/get_cumulative_energy?cpu=true&dram=0", "dram"),
+    ],
+)
+def test_every_bad_value_names_its_parameter(sim_daemon: Daemon, method: str, path: str, name: str) -> None:
+    r = sim_daemon.client.request(method, path)
+    assert r.status == 400 and r.error.startswith("Query deserialize error: ")
+    assert r.error.endswith(f"(parameter `{name}`)"), r.error
+
+
+@pytest.mark.parametrize(
     "path, message",
     [
         ("/cpu/get_cumulative_energy?cpu_ids=0&cpu=true", "missing field `dram`"),
@@ -192,19 +211,25 @@ def test_control_round_trip(sim_daemon: Daemon) -> None:
     c.post("/gpu/set_power_limit?gpu_ids=1,2&power_limit_mw=700000&block=true")
 
 
-def test_out_of_range_limit_is_a_per_gpu_400(sim_daemon: Daemon) -> None:
+@pytest.mark.parametrize("block", ["true", "false"])
+def test_out_of_range_limit_is_refused_naming_the_range(sim_daemon: Daemon, block: str) -> None:
+    """A limit outside what the device reported at startup is a 400 naming the range, before anything is queued."""
     c = sim_daemon.client
-    r = c.post("/gpu/set_power_limit?gpu_ids=0,3&power_limit_mw=99000&block=true")
-    assert r.status == 400
-    assert r.json() == {
-        "errors": {
-            "0": "NVML error: a supplied argument was invalid",
-            "3": "NVML error: a supplied argument was invalid",
-        }
+    r = c.post(f"/gpu/set_power_limit?gpu_ids=0,3&power_limit_mw=99000&block={block}")
+    assert (r.status, r.json()) == (
+        400, {"error": "power_limit_mw must be within 200000..700000 for GPU 0, got 99000"}
+    )
+    assert c.get("/gpu/get_power_limit?gpu_ids=0,3").json() == {
+        "0": {"power_limit_mw": 700000}, "3": {"power_limit_mw": 700000}
     }
-    r = c.post("/gpu/set_power_limit?gpu_ids=0&power_limit_mw=10000&block=false")
-    assert r.status == 200
-    assert c.get("/gpu/get_power_limit?gpu_ids=0").json()["0"]["power_limit_mw"] == 700000
+
+
+@pytest.mark.parametrize("block", ["true", "false"])
+def test_inverted_clock_range_is_refused(sim_daemon: Daemon, block: str) -> None:
+    r = sim_daemon.client.post(f"/gpu/set_gpu_locked_clocks?gpu_ids=1&min_clock_mhz=1500&max_clock_mhz=900&block={block}")
+    assert (r.status, r.json()) == (
+        400, {"error": "min_clock_mhz (1500) must not be greater than max_clock_mhz (900)"}
+    )
 
 
 def test_power_follows_the_power_limit(sim_daemon: Daemon) -> None:

@@ -17,7 +17,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
@@ -52,6 +52,7 @@ INVALID = "NVML error: a supplied argument was invalid"
 NOT_SUPPORTED = "NVML error: the requested operation is not available on the target device"
 NO_PERMISSION = "NVML error: the current user does not have permission to perform this operation"
 GPU_LOST = "NVML error: device fell off the bus or has otherwise become inacessible"
+UNKNOWN = "NVML error: an internal driver error occurred"
 
 
 @pytest.fixture(scope="session")
@@ -260,15 +261,30 @@ def test_fallback_when_the_call_says_not_supported(fake: FakeNvml) -> None:
         backend.close()
 
 
-def test_switches_to_fallback_when_a_later_read_says_not_supported(backend: NvmlBackend, fake: FakeNvml) -> None:
+@pytest.mark.parametrize(
+    ("fault", "message", "status"),
+    [
+        (lambda f: f.set_gpu(0, instant_power_supported=False), NOT_SUPPORTED, 400),  # the field's own NOT_SUPPORTED
+        (lambda f: f.inject_error("nvmlDeviceGetFieldValues", 999, gpu=0), UNKNOWN, 500),
+    ],
+    ids=["field-not-supported", "call-fails"],
+)
+def test_a_failed_read_never_changes_the_read_method(
+    backend: NvmlBackend, fake: FakeNvml, fault: Callable[[FakeNvml], None], message: str, status: int
+) -> None:
+    """The method is chosen once at startup: a later failure is that read's error, and the next
+    read asks field 186 again (never the 1 s averaged nvmlDeviceGetPowerUsage)."""
     gpu = backend.gpus[0]
     assert gpu.get_instant_power_mw() == 150_000
-    fake.set_gpu(0, instant_power_supported=False)  # per-field NOT_SUPPORTED
-    assert gpu.get_instant_power_mw() == 140_000
-    assert gpu.uses_power_usage_fallback
+    fault(fake)
+    error = raised(gpu.get_instant_power_mw)
+    assert (error.message, error.status) == (message, status)
+    fake.set_gpu(0, instant_power_supported=True)
+    fake.clear_error()
     fake.clear_log()
-    gpu.get_instant_power_mw()
-    assert [c.name for c in fake.calls()] == ["nvmlDeviceGetPowerUsage"]
+    assert gpu.get_instant_power_mw() == 150_000
+    assert not gpu.uses_power_usage_fallback
+    assert [c.name for c in fake.calls()] == ["nvmlDeviceGetFieldValues"]
 
 
 def test_no_power_reading_at_all_is_not_supported(fake: FakeNvml) -> None:

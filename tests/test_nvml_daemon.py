@@ -10,6 +10,7 @@ HTTP statuses and bodies, queue order, timeouts, partial failures, polling.
 from __future__ import annotations
 
 import ctypes.util
+import json
 import socket
 import struct
 import threading
@@ -32,6 +33,7 @@ TIMEOUT = "NVML error: the provided timeout was reached"
 
 POWER_READS = ("nvmlDeviceGetFieldValues", "nvmlDeviceGetPowerUsage")
 SET_LIMIT = "nvmlDeviceSetPowerManagementLimit"
+SET_GPU_CLOCKS = "nvmlDeviceSetGpuLockedClocks"
 
 #: Control endpoint (with its parameters) → the NVML function(s) it calls.
 CONTROL: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -55,13 +57,6 @@ def in_thread(fn: Callable[[], Response]) -> tuple[threading.Thread, list[Respon
     thread = threading.Thread(target=lambda: out.append(fn()), daemon=True)
     thread.start()
     return thread, out
-
-
-@pytest.fixture
-def fake(tmp_path: Path) -> FakeNvml:
-    nvml = FakeNvml(tmp_path / "nvml.state", tmp_path / "nvml.log", build_library())
-    nvml.create(4)
-    return nvml
 
 
 @pytest.fixture(scope="module")
@@ -133,14 +128,23 @@ def test_every_control_endpoint_maps_no_permission_to_403(nvml: tuple[Daemon, Fa
     assert (r.status, r.body) == (200, b"")
 
 
-def test_real_driver_rejections_are_400(nvml: tuple[Daemon, FakeNvml]) -> None:
+def test_impossible_arguments_are_refused_before_the_driver(nvml: tuple[Daemon, FakeNvml]) -> None:
+    """The range the driver reported at startup is checked first, and named; nothing reaches the driver."""
     daemon, fake = nvml
-    r = daemon.client.post("/gpu/set_power_limit?gpu_ids=2&power_limit_mw=100000&block=true")  # below the minimum
-    assert (r.status, r.json()) == (400, {"errors": {"2": INVALID}})
-    r = daemon.client.post("/gpu/set_gpu_locked_clocks?gpu_ids=2&min_clock_mhz=1500&max_clock_mhz=1000&block=true")
-    assert (r.status, r.json()) == (400, {"errors": {"2": INVALID}})
-    assert fake.calls(SET_LIMIT) == [(SET_LIMIT, 2, ("100000",))]  # passed to the driver unchanged
+    r = daemon.client.post("/gpu/set_power_limit?gpu_ids=2&power_limit_mw=100000&block=true")
+    assert (r.status, r.json()) == (400, {"error": "power_limit_mw must be within 200000..700000 for GPU 2, got 100000"})
+    r = daemon.client.post("/gpu/set_gpu_locked_clocks?gpu_ids=2&min_clock_mhz=1500&max_clock_mhz=1000&block=false")
+    assert (r.status, r.json()) == (400, {"error": "min_clock_mhz (1500) must not be greater than max_clock_mhz (1000)"})
+    assert fake.calls([SET_LIMIT, SET_GPU_CLOCKS]) == []
     assert fake.gpu(2).power_limit_mw == 700_000 and fake.gpu(2).gpu_locked_clocks is None
+
+
+def test_what_only_the_driver_can_tell_is_its_400(nvml: tuple[Daemon, FakeNvml]) -> None:
+    daemon, fake = nvml
+    fake.inject_error(SET_GPU_CLOCKS, 2, gpu=2)  # e.g. a clock the board does not support
+    r = daemon.client.post("/gpu/set_gpu_locked_clocks?gpu_ids=2&min_clock_mhz=900&max_clock_mhz=1500&block=true")
+    assert (r.status, r.json()) == (400, {"errors": {"2": INVALID}})
+    assert fake.calls(SET_GPU_CLOCKS) == [(SET_GPU_CLOCKS, 2, ("900", "1500"))]  # passed to the driver unchanged
 
 
 @pytest.mark.parametrize(
@@ -185,10 +189,11 @@ def test_non_blocking_answers_before_the_command_runs_and_logs_its_failure(nvml:
     assert "#warn] " + line in log()
 
     # Every parameter of the failed command is in the log line.
-    r = daemon.client.post("/gpu/set_gpu_locked_clocks?gpu_ids=0,1&min_clock_mhz=1500&max_clock_mhz=1000&block=false")
+    fake.inject_error(SET_GPU_CLOCKS, 2)
+    r = daemon.client.post("/gpu/set_gpu_locked_clocks?gpu_ids=0,1&min_clock_mhz=1000&max_clock_mhz=1500&block=false")
     assert (r.status, r.body) == (200, b"")
     for gpu in (0, 1):
-        wait_until(lambda: f"GPU {gpu}: GPU frequency set to [1500, 1000] MHz failed: {INVALID}" in log())
+        wait_until(lambda: f"GPU {gpu}: GPU frequency set to [1000, 1500] MHz failed: {INVALID}" in log())
     assert fake.gpu(0).gpu_locked_clocks is None
 
 
@@ -336,13 +341,16 @@ def test_gpu_without_energy_counter(start_daemon: DaemonFactory, fake: FakeNvml)
 # --------------------------------------------------------------------------- library loading
 
 
-def test_missing_library_means_zero_gpus(start_daemon: DaemonFactory, tmp_path: Path) -> None:
+def _hide_nvml(tmp_path: Path) -> dict[str, str]:
     if ctypes.util.find_library("nvidia-ml") is not None:
         pytest.skip("a real libnvidia-ml is installed system-wide; it cannot be hidden from dlopen")
     empty = tmp_path / "empty-lib"
     empty.mkdir()
-    env = {"LD_LIBRARY_PATH": str(empty), ENV_STATE: "", ENV_LOG: ""}
-    daemon = start_daemon("--enable", "gpu-control,gpu-read", env=env)
+    return {"LD_LIBRARY_PATH": str(empty), ENV_STATE: "", ENV_LOG: ""}
+
+
+def test_missing_library_means_zero_gpus_with_the_default_groups(start_daemon: DaemonFactory, tmp_path: Path) -> None:
+    daemon = start_daemon(env=_hide_nvml(tmp_path))
     d = daemon.client.get("/discover").json()
     assert (d["gpu_ids"], d["gpus"]) == ([], [])
     assert "NVML library (libnvidia-ml.so.1) could not be loaded" in daemon.log()
@@ -353,6 +361,26 @@ def test_missing_library_means_zero_gpus(start_daemon: DaemonFactory, tmp_path: 
     assert power.status == 200 and power.json()["power_mw"] == {}
     r = daemon.client.get("/gpu/get_power?gpu_ids=0")
     assert r.status == 400
+
+
+@pytest.mark.parametrize("enable", ["gpu-read", "gpu-control,gpu-read,metrics"])
+def test_gpu_groups_asked_for_without_nvml_stop_startup(tmp_path: Path, enable: str) -> None:
+    sock = tmp_path / "z.sock"
+    r = run_zeusd(["serve", "--socket-path", str(sock), "--enable", enable], env=_hide_nvml(tmp_path))
+    assert r.returncode == 1
+    assert r.stderr.splitlines() == [
+        "Error: --enable names a GPU API group, but there is no GPU: the NVML library (libnvidia-ml.so.1) "
+        "could not be loaded; is the NVIDIA driver installed?"
+    ]
+    assert not sock.exists()
+
+
+def test_gpu_groups_asked_for_on_a_node_without_gpus_stop_startup(tmp_path: Path, fake: FakeNvml) -> None:
+    fake.create(0)
+    r = run_zeusd(["serve", "--socket-path", str(tmp_path / "z.sock"), "--enable", "gpu-read"], env=fake.env())
+    assert (r.returncode, r.stderr.splitlines()) == (
+        1, ["Error: --enable names a GPU API group, but there is no GPU: NVML reports no GPU"]
+    )
 
 
 @pytest.mark.parametrize(
@@ -379,20 +407,50 @@ def test_nvml_failure_at_startup_exits_1(
 # --------------------------------------------------------------------------- hanging calls
 
 
+@pytest.mark.parametrize("delay_ms", [-1, 4000], ids=["hung", "4 s per read"])
+def test_a_slow_gpu_never_slows_the_stream_of_the_others(
+    start_daemon: DaemonFactory, fake: FakeNvml, delay_ms: int
+) -> None:
+    """During the fault every healthy GPU keeps (at least 90 % of) the full 20 Hz, measured
+    on the daemon's own timestamps; a slow GPU rejoins after each answer, a hung one stays out."""
+    daemon = start_daemon("--enable", "gpu-read", "--stream-format", "v0.5", env=fake.env())
+    fake.set_delay("nvmlDeviceGetFieldValues", delay_ms, gpu=1)
+    stamps: dict[int, list[int]] = {i: [] for i in range(4)}
+    with daemon.client.stream("/gpu/stream_power", timeout=15) as stream:
+        for frame in stream.frames():
+            if frame.startswith("data: "):
+                event = json.loads(frame[len("data: "):])
+                stamps[event["gpu_id"]].append(event["timestamp_ms"])
+                if stamps[0][-1] - stamps[0][0] >= 9000:
+                    break
+    span_s = (stamps[0][-1] - stamps[0][0]) / 1000
+    for healthy in (0, 2, 3):
+        assert len(stamps[healthy]) >= 0.9 * 20 * span_s, (healthy, len(stamps[healthy]), span_s)
+    if delay_ms < 0:
+        assert stamps[1] == []
+    else:
+        assert 1 <= len(stamps[1]) <= 3  # one reading per 4 s answer
+    fake.clear_delay()
+
+
 def test_hanging_gpu_times_out_alone_and_recovers(start_daemon: DaemonFactory, fake: FakeNvml) -> None:
     daemon = start_daemon("--enable", "gpu-control,gpu-read", env=fake.env())
     c = daemon.client
     fake.set_delay("nvmlDeviceGetFieldValues", -1, gpu=0)
     fake.set_delay("nvmlDeviceGetTotalEnergyConsumption", -1, gpu=0)
+    # The startup probe already read the energy counter: wait for the request's own read,
+    # so that the command below is queued behind the hung read, not before it.
+    energy_calls = fake.count("nvmlDeviceGetTotalEnergyConsumption", gpu=0)
+    power_calls = fake.count("nvmlDeviceGetFieldValues", gpu=0)
     started = time.monotonic()
     power0, power0_out = in_thread(lambda: c.get("/gpu/get_power?gpu_ids=0"))
     power_all, power_all_out = in_thread(lambda: c.get("/gpu/get_power"))
     energy0, energy0_out = in_thread(lambda: c.get("/gpu/get_cumulative_energy?gpu_ids=0"))
-    fake.wait_for_calls("nvmlDeviceGetTotalEnergyConsumption", gpu=0)
+    fake.wait_for_calls("nvmlDeviceGetTotalEnergyConsumption", gpu=0, at_least=energy_calls + 1)
     control0, control0_out = in_thread(
         lambda: c.post("/gpu/set_power_limit?gpu_ids=0&power_limit_mw=333000&block=true")
     )
-    fake.wait_for_calls("nvmlDeviceGetFieldValues", gpu=0)
+    fake.wait_for_calls("nvmlDeviceGetFieldValues", gpu=0, at_least=power_calls + 1)
 
     # GPU 1 answers meanwhile: reads, queued reads and commands.
     assert c.get("/gpu/get_power?gpu_ids=1").json()["power_mw"] == {"1": 150_000}

@@ -78,7 +78,7 @@ def _convert(param: Param, value: str) -> Any:
             return True
         if value == "false":
             return False
-        raise _query_error("provided string was not `true` or `false`")
+        raise _query_error(f"provided string was not `true` or `false` (parameter `{param.name}`)")
     if param.kind is Kind.U32:
         try:
             return parse_u32(value)

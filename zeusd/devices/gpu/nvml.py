@@ -89,7 +89,7 @@ _VALUE_TYPE_ULL: Final = pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG
 class NvmlGPU:
     """One NVIDIA GPU; the handle and static properties are fetched once at startup."""
 
-    __slots__ = ("_index", "_handle", "_name", "_pci_address", "_energy_available", "_use_power_usage")
+    __slots__ = ("_index", "_handle", "_name", "_pci_address", "_energy_available", "_use_power_usage", "_limit_range")
 
     def __init__(
         self,
@@ -99,14 +99,17 @@ class NvmlGPU:
         pci_address: str,
         energy_counter_available: bool,
         instant_power_field: bool,
+        power_limit_range_mw: tuple[int, int] | None = None,
     ) -> None:
         self._index = index
         self._handle = handle
         self._name = name
         self._pci_address = pci_address
         self._energy_available = energy_counter_available
-        # True once field 186 proved unsupported: read nvmlDeviceGetPowerUsage instead.
+        # Chosen once, at startup: field 186 unless the device does not support it.
+        # A later failure is an error for that read only, never a switch of method.
         self._use_power_usage = not instant_power_field
+        self._limit_range = power_limit_range_mw
 
     @classmethod
     def open(cls, index: int) -> NvmlGPU:
@@ -124,6 +127,7 @@ class NvmlGPU:
             _probe_pci_address(index, handle),
             _probe_energy_counter(index, handle),
             _probe_instant_power_field(index, handle),
+            _probe_power_limit_range(index, handle),
         )
 
     def __repr__(self) -> str:
@@ -148,28 +152,28 @@ class NvmlGPU:
         return self._energy_available
 
     @property
+    def power_limit_range_mw(self) -> tuple[int, int] | None:
+        """nvmlDeviceGetPowerManagementLimitConstraints at startup (None if it failed)."""
+        return self._limit_range
+
+    @property
     def uses_power_usage_fallback(self) -> bool:
-        """True once instant power is read via nvmlDeviceGetPowerUsage (field unsupported)."""
+        """True when instant power is read via nvmlDeviceGetPowerUsage (field 186 unsupported at startup)."""
         return self._use_power_usage
 
     # ---- reads
 
     def get_instant_power_mw(self) -> int:
         """Instant power from field 186 (nvmlDeviceGetPowerUsage is ~1 s averaged on
-        recent GPUs); falls back to it only where the field is unsupported."""
+        recent GPUs), or nvmlDeviceGetPowerUsage where the field proved unsupported at startup."""
         if self._use_power_usage:
             return self._get_power_usage_mw()
         try:
             value = pynvml.nvmlDeviceGetFieldValues(self._handle, _INSTANT_POWER_FIELDS)[0]
         except pynvml.NVMLError as e:
-            code = _code(e)
-            if code == _NOT_SUPPORTED:
-                return self._switch_to_power_usage()
-            raise nvml_device_error(code) from e
+            raise nvml_device_error(_code(e)) from e
         ret: int = value.nvmlReturn
         if ret != _SUCCESS:
-            if ret == _NOT_SUPPORTED:
-                return self._switch_to_power_usage()
             raise nvml_device_error(ret)
         value_type: int = value.valueType
         if value_type == _VALUE_TYPE_UINT:
@@ -179,14 +183,6 @@ class NvmlGPU:
             wide: int = value.value.ullVal
             return wide & 0xFFFFFFFF  # upstream truncates to u32
         raise nvml_device_error(_INVALID_ARGUMENT)
-
-    def _switch_to_power_usage(self) -> int:
-        log.warn(
-            "GPU {index}: instant-power field not supported; using nvmlDeviceGetPowerUsage from now on",
-            index=self._index,
-        )
-        self._use_power_usage = True
-        return self._get_power_usage_mw()
 
     def _get_power_usage_mw(self) -> int:
         return int(_nvml(pynvml.nvmlDeviceGetPowerUsage, self._handle))
@@ -264,6 +260,20 @@ def _probe_energy_counter(index: int, handle: object) -> bool:
     return True
 
 
+def _probe_power_limit_range(index: int, handle: object) -> tuple[int, int] | None:
+    """The accepted power limits, so impossible requests are refused with the range named."""
+    try:
+        low, high = pynvml.nvmlDeviceGetPowerManagementLimitConstraints(handle)
+    except pynvml.NVMLError as e:
+        log.info(
+            "GPU {index}: power limit constraints unavailable ({error}); limits are checked by the driver only",
+            index=index,
+            error=nvml_error_message(_code(e)),
+        )
+        return None
+    return int(low), int(high)
+
+
 def _probe_instant_power_field(index: int, handle: object) -> bool:
     """Whether field 186 is supported; only NOT_SUPPORTED selects the fallback."""
     try:
@@ -294,6 +304,12 @@ class NvmlBackend:
     def gpus(self) -> Sequence[NvmlGPU]:
         return self._gpus
 
+    @property
+    def absence(self) -> str:
+        if not self._initialized:
+            return "the NVML library (libnvidia-ml.so.1) could not be loaded; is the NVIDIA driver installed?"
+        return "NVML reports no GPU"
+
     def close(self) -> None:
         """Shut NVML down once (it is refcounted per nvmlInit)."""
         if not self._initialized:
@@ -308,14 +324,14 @@ class NvmlBackend:
 def open_nvml_backend() -> NvmlBackend:
     """Initialise NVML and open every GPU it reports.
 
-    A library that cannot be loaded means "no NVIDIA GPUs here" (logged, zero
-    GPUs); any other NVML failure during init or enumeration aborts startup
+    A library that cannot be loaded means "no NVIDIA GPUs here" (zero GPUs;
+    the GPU service decides whether that is an error); any other NVML failure during init or enumeration aborts startup
     with ``StartupError("NVML error: ...")``.
     """
     try:
         pynvml.nvmlInit()
     except pynvml.NVMLError_LibraryNotFound:
-        log.error("NVML library (libnvidia-ml.so.1) could not be loaded; continuing with zero GPUs")
+        log.debug("NVML library (libnvidia-ml.so.1) could not be loaded")
         return NvmlBackend((), initialized=False)
     except pynvml.NVMLError as e:
         raise StartupError(nvml_error_message(_code(e))) from e
