@@ -16,12 +16,11 @@ from typing import Any, Literal
 
 from twisted.python import usage
 
+from zeusd.constants import DEFAULT_SOCKET_PATH
 from zeusd.groups import DEFAULT_GROUPS, ApiGroup
 
 MAX_POLL_HZ = 1000
 MAX_SIMULATED_DEVICES = 64
-#: Upstream v0.4.0's socket path; the Zeus clients and ``zeusd watch`` look here too.
-DEFAULT_SOCKET_PATH = "/var/run/zeusd.sock"
 
 
 @dataclass(frozen=True)
