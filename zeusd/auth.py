@@ -35,12 +35,15 @@ import stat
 import threading
 import time
 from fractions import Fraction
-from typing import Any, Callable, Final, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Final, Literal, Sequence
 
 import jwt
 from jwt.algorithms import HMACAlgorithm
 
 from zeusd.errors import StartupError
+
+if TYPE_CHECKING:
+    from jwt.types import Options
 from zeusd.groups import SCOPE_NAMES, ApiGroup
 
 __all__ = [
@@ -510,7 +513,7 @@ class _StrictClaimsJWT(jwt.PyJWT):
 
 #: What PyJWT checks beyond the signature: presence of the required claims. Time claims and
 #: ``aud`` are ours (upstream checks no ``iat``/``nbf``/``jti``; ``exp`` and ``aud`` below).
-_PYJWT_OPTIONS: Final[Any] = {
+_PYJWT_OPTIONS: Final["Options"] = {
     "require": ["sub", "scopes"],
     "verify_exp": False,
     "verify_nbf": False,
