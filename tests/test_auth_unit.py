@@ -7,6 +7,7 @@ import json
 import math
 from fractions import Fraction
 import os
+import subprocess
 import sys
 import timeit
 import warnings
@@ -24,8 +25,7 @@ import jwt  # PyJWT, used as an independent implementation
 
 from zeusd.auth import (
     AUTH_REQUIRED_MESSAGE,
-    WWW_AUTHENTICATE,
-    AuthError,
+    AuthenticationError,
     Claims,
     ScopeError,
     TokenVerifier,
@@ -36,7 +36,7 @@ from zeusd.auth import (
     required_scope_check,
     scope_names,
 )
-from zeusd.errors import ApiError, StartupError
+from zeusd.errors import StartupError
 from zeusd.groups import SCOPE_NAMES, ApiGroup
 
 SPEC_KEY = b"zeusd-spec-example-key\n"
@@ -53,6 +53,9 @@ VECTOR_BOB = (
 KEY = b"0123456789abcdef0123456789abcdef0123456789ab\n"  # 45 bytes, like `openssl rand -base64 32`
 OTHER_KEY = b"ffffffffffffffffffffffffffffffffffffffffffff\n"
 NOW = 1_800_000_000
+
+# The spec's test vectors use a 23-byte key, which PyJWT rightly warns about.
+pytestmark = pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthWarning")
 
 
 def b64(data: bytes) -> str:
@@ -91,12 +94,11 @@ def bearer(token: str) -> bytes:
     return b"Bearer " + token.encode()
 
 
-def invalid(v: TokenVerifier, header: bytes | str | None) -> AuthError:
-    with pytest.raises(AuthError) as ei:
+def invalid(v: TokenVerifier, header: bytes | str | None) -> AuthenticationError:
+    with pytest.raises(AuthenticationError) as ei:
         v.verify_authorization(header)
     err = ei.value
-    assert err.status == 401
-    assert err.headers == {"WWW-Authenticate": 'Bearer realm="zeusd"'}
+    assert str(err) == err.message
     return err
 
 
@@ -269,7 +271,7 @@ def test_non_canonical_and_foreign_base64_rejected(verifier: TokenVerifier) -> N
 
 
 def test_non_ascii_token_via_verify_token(verifier: TokenVerifier) -> None:
-    with pytest.raises(AuthError) as ei:
+    with pytest.raises(AuthenticationError) as ei:
         verifier.verify_token("é.é.é")
     assert ei.value.message == "Invalid token: InvalidToken"
 
@@ -312,7 +314,7 @@ def test_rs256_rejected_real_and_confused(verifier: TokenVerifier) -> None:
 
 @pytest.mark.parametrize(
     "header, detail",
-    [({"typ": "JWT"}, "JSON error: missing field `alg` at line 1 column 13"),
+    [({"typ": "JWT"}, "JSON error: missing field `alg`"),
      ({"alg": "hs256"}, "JSON error: unknown variant `hs256`"),
      ({"alg": 256}, "JSON error: invalid type: integer `256`"),
      ("[]", "JSON error: invalid type: sequence"),
@@ -321,6 +323,34 @@ def test_rs256_rejected_real_and_confused(verifier: TokenVerifier) -> None:
 )
 def test_bad_headers_rejected(verifier: TokenVerifier, header: Any, detail: str) -> None:
     assert invalid_token(verifier, craft({"sub": "a", "scopes": []}, header=header)).startswith(detail)
+
+
+@pytest.mark.parametrize(
+    "header, detail",
+    [({"alg": "HS256", "kid": 5}, "JSON error: invalid type: integer `5`, expected a string for `kid`"),
+     ({"alg": "HS256", "typ": ["JWT"]}, "JSON error: invalid type: sequence, expected a string for `typ`"),
+     ({"alg": "HS256", "x5c": "MIIB"}, "JSON error: invalid type: string \"MIIB\", expected a sequence of strings for `x5c`"),
+     ({"alg": "HS256", "jwk": "k"}, "JSON error: invalid type: string \"k\", expected a map for `jwk`"),
+     ({"alg": "HS256", "crit": ["exp"], "exp": 1}, "Unsupported critical extension: exp")],
+)
+def test_header_fields_of_the_wrong_type_rejected(verifier: TokenVerifier, header: Any, detail: str) -> None:
+    """jsonwebtoken's Header types its known fields; PyJWT also refuses critical extensions it does not know."""
+    assert invalid_token(verifier, craft({"sub": "a", "scopes": []}, header=header)) == detail
+
+
+def test_known_header_fields_of_the_right_type_accepted(verifier: TokenVerifier) -> None:
+    header = {"alg": "HS256", "typ": None, "cty": "JWT", "x5c": ["MIIB"], "jwk": {"kty": "oct"}, "x5t#S256": "x"}
+    assert verifier.verify_token(craft({"sub": "a", "scopes": []}, header=header)).sub == "a"
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [{"sub": 5, "scopes": []}, '{"sub":"a","sub":"b","scopes":[]}', {"sub": "a"}, "[1]", "{not json",
+     {"sub": "a", "scopes": [], "exp": 1.5}],
+)
+def test_claims_are_read_only_after_the_signature_matched(verifier: TokenVerifier, payload: Any) -> None:
+    """A forged token is refused for its signature, whatever its payload holds."""
+    assert invalid_token(verifier, craft(payload, key=OTHER_KEY)) == "InvalidSignature"
 
 
 def test_other_header_fields_ignored(verifier: TokenVerifier) -> None:
@@ -333,7 +363,7 @@ def test_other_header_fields_ignored(verifier: TokenVerifier) -> None:
 
 @pytest.mark.parametrize(
     "payload, detail",
-    [({"sub": "alice"}, "JSON error: missing field `scopes` at line 1 column 15"),
+    [({"sub": "alice"}, "JSON error: missing field `scopes`"),
      ({"scopes": ["gpu-read"]}, "JSON error: missing field `sub`"),
      ({"sub": 5, "scopes": []}, "JSON error: invalid type: integer `5`, expected a string"),
      ({"sub": None, "scopes": []}, "JSON error: invalid type: null, expected a string"),
@@ -469,7 +499,7 @@ def test_verification_cost(capsys: pytest.CaptureFixture[str]) -> None:
     def reject() -> None:
         try:
             bad.verify_authorization(header)
-        except AuthError:
+        except AuthenticationError:
             pass
 
     t_reject = timeit.timeit(reject, number=n) / n * 1e6
@@ -488,21 +518,27 @@ def test_required_scope_check_and_e13() -> None:
     with pytest.raises(ScopeError) as ei:
         required_scope_check(claims, ApiGroup.GPU_CONTROL)
     err = ei.value
-    assert isinstance(err, ApiError) and err.status == 403
-    assert err.message == ("Token for user 'alice' lacks required scope 'gpu-control'. "
-                           "Token scopes: ['gpu-read', 'cpu-read']")
-    assert json.loads(err.body()) == {"error": err.message}
+    assert (err.sub, err.group, err.scopes) == ("alice", "gpu-control", ("gpu-read", "cpu-read"))
+    assert err.message == str(err) == ("Token for user 'alice' lacks required scope 'gpu-control'. "
+                                       "Token scopes: ['gpu-read', 'cpu-read']")
     with pytest.raises(ScopeError) as ei:
         required_scope_check(Claims("bob", (), None), "cpu-read")
     assert ei.value.message == "Token for user 'bob' lacks required scope 'cpu-read'. Token scopes: []"
     assert claims.has_scope(ApiGroup.GPU_READ) and not claims.has_scope("gpu-control")
 
 
-def test_auth_error_shape() -> None:
-    err = AuthError("Token has expired.")
-    assert isinstance(err, ApiError)
-    assert err.status == 401 and err.headers["WWW-Authenticate"] == WWW_AUTHENTICATE == 'Bearer realm="zeusd"'
-    assert err.body() == b'{"error":"Token has expired."}'
+def test_auth_knows_nothing_of_http() -> None:
+    """Auth raises domain errors; only the web layer turns them into 401/403 (issue 19)."""
+    from zeusd.errors import ApiError
+
+    assert not issubclass(AuthenticationError, ApiError) and not issubclass(ScopeError, ApiError)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys, zeusd.auth; print(' '.join(sorted(sys.modules)))"],
+        capture_output=True, text=True, check=True,
+    )
+    loaded = probe.stdout.split()
+    assert "zeusd.auth" in loaded
+    assert [m for m in loaded if m.startswith(("twisted.web", "klein", "zeusd.web", "werkzeug"))] == []
 
 
 def test_scope_names_follow_groups() -> None:
@@ -570,6 +606,22 @@ def test_short_key_refused(tmp_path: Path, data: bytes) -> None:
     stripped = data.strip()
     if stripped:
         assert stripped.decode() not in msg
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE\n-----END PUBLIC KEY-----\n",
+     b"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGx5bWJvbHMgb2YgYSBrZXkgdGhhdCBpcyBub3Q= user@host\n",
+     b'{"kty":"oct","k":"c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0LXNlY3JldA"}\n'],
+)
+def test_keys_pyjwt_refuses_as_hmac_secrets_are_refused_at_startup(tmp_path: Path, data: bytes) -> None:
+    """Such a key would reject every token at request time; say so before serving."""
+    path = write_key(tmp_path, data)
+    with pytest.raises(StartupError, match="looks like a public/private key, certificate or JWK") as ei:
+        load_signing_key(path)
+    assert "openssl rand -base64 32" in str(ei.value) and data.decode().strip() not in str(ei.value)
+    with pytest.raises(ValueError, match="not an HMAC secret"):
+        TokenVerifier(data)
 
 
 def test_exactly_32_bytes_of_material_accepted(tmp_path: Path) -> None:

@@ -21,7 +21,6 @@ from tests.conftest import DaemonFactory
 from tests.daemon import Daemon, Transport, free_tcp_port, terminate, write_signing_key
 from zeusd.auth import issue_token
 from zeusd.client import (
-    DEFAULT_SOCKET_PATH,
     CpuEnergy,
     CpuPackagePower,
     DevicePower,
@@ -32,13 +31,10 @@ from zeusd.client import (
     PowerLimitConstraints,
     PowerReading,
     ServerAddress,
-    SSEParser,
     ZeusdAuthError,
     ZeusdClient,
     ZeusdConnectionError,
     ZeusdHTTPError,
-    default_server,
-    parse_power_event,
 )
 
 T = TypeVar("T")
@@ -66,72 +62,6 @@ def address(daemon: Daemon) -> ServerAddress:
 def write_key(directory: Path) -> tuple[str, bytes]:
     path = directory / "zeusd.key"
     return str(path), write_signing_key(path)  # the daemon signs with exactly these raw bytes
-
-
-# --------------------------------------------------------------------------- addresses
-
-
-def test_server_addresses_parse() -> None:
-    assert ServerAddress.parse("unix:/run/z.sock") == ServerAddress("unix", path="/run/z.sock")
-    assert ServerAddress.parse("unix:///run/z.sock").path == "/run/z.sock"
-    assert ServerAddress.parse("/tmp/a.sock").label == "unix:/tmp/a.sock"
-    tcp = ServerAddress.parse("node7:4938")
-    assert (tcp.scheme, tcp.host, tcp.port, tcp.label) == ("http", "node7", 4938, "node7:4938")
-    assert tcp.url("/time") == "http://node7:4938/time"
-    v6 = ServerAddress.parse("[::1]:80")
-    assert v6.host == "::1" and v6.url("/x") == "http://[::1]:80/x"
-    tls = ServerAddress.parse("https://node7:443/")
-    assert tls.scheme == "https" and tls.label == "https://node7:443"
-    assert ServerAddress.parse("http://10.0.0.1:8").label == "10.0.0.1:8"
-    assert ServerAddress("unix", path="/s").url("/time") == "http://localhost/time"
-    for bad in ("unix:", "node7", "node7:0", "node7:99999", "::1:80", "[::1]80", "host:port"):
-        with pytest.raises(ValueError):
-            ServerAddress.parse(bad)
-
-
-def test_default_server_follows_the_official_client_env() -> None:
-    assert default_server({}) == ServerAddress("unix", path=DEFAULT_SOCKET_PATH)
-    assert default_server({"ZEUSD_HOST_PORT": "h:1"}) == ServerAddress("http", host="h", port=1)
-    both = {"ZEUSD_SOCK_PATH": "/s.sock", "ZEUSD_HOST_PORT": "h:1"}
-    assert default_server(both) == ServerAddress("unix", path="/s.sock")
-
-
-# --------------------------------------------------------------------------- SSE parsing
-
-
-def test_sse_parser_handles_any_chunking_comments_and_crlf() -> None:
-    wire = (
-        b'data: {"timestamp_ms":1,"power_mw":{"0":5}}\n\n'
-        b": keepalive\n\n"
-        b'data:{"timestamp_ms":2,"power_mw":{}}\r\n\r\n'
-        b"id: 7\ndata: [1,\ndata: 2]\n\n"
-    )
-    expected = ['{"timestamp_ms":1,"power_mw":{"0":5}}', '{"timestamp_ms":2,"power_mw":{}}', "[1,\n2]"]
-    for size in (1, 2, 3, 7, len(wire)):
-        parser = SSEParser()
-        out: list[str] = []
-        for i in range(0, len(wire), size):
-            out += parser.feed(wire[i : i + size])
-        assert out == expected, size
-    parser = SSEParser(max_event_bytes=64)
-    with pytest.raises(Exception, match="exceeded"):
-        parser.feed(b"data: " + b"x" * 100)
-
-
-def test_power_events_of_both_formats() -> None:
-    assert parse_power_event("gpu", {"timestamp_ms": 5, "power_mw": {"0": 1000, "2": 3000}}) == [
-        DevicePower("gpu", 0, 5, 1000),
-        DevicePower("gpu", 2, 5, 3000),
-    ]
-    assert parse_power_event("gpu", {"timestamp_ms": 5, "gpu_id": 3, "power_mw": 7}) == [DevicePower("gpu", 3, 5, 7)]
-    snapshot = {"timestamp_ms": 9, "power_mw": {"0": {"cpu_mw": 4, "dram_mw": 1}, "1": {"cpu_mw": 6, "dram_mw": None}}}
-    assert parse_power_event("cpu", snapshot) == [DevicePower("cpu", 0, 9, 4, 1), DevicePower("cpu", 1, 9, 6, None)]
-    # Our v0.5 CPU events carry the snapshot too: the per-device fields win, no double count.
-    hybrid = {"timestamp_ms": 9, "cpu_id": 1, "cpu_mw": 6, "dram_mw": None, **{"power_mw": snapshot["power_mw"]}}
-    assert parse_power_event("cpu", hybrid) == [DevicePower("cpu", 1, 9, 6, None)]
-    for bad in ({}, {"timestamp_ms": 1}, {"timestamp_ms": 1, "gpu_id": 0, "power_mw": "x"}, [1], {"timestamp_ms": "1", "power_mw": {}}):
-        with pytest.raises(ValueError):
-            parse_power_event("gpu", bad)
 
 
 # --------------------------------------------------------------------------- typed calls
@@ -347,6 +277,31 @@ async def test_https_with_a_private_ca(https_daemon: tuple[Daemon, str]) -> None
     async with await https_client(daemon, None) as untrusted:  # the system's CAs do not know it
         with pytest.raises(ZeusdConnectionError):
             await within(10, untrusted.discover())
+
+
+@pytest_twisted.ensureDeferred
+async def test_connection_errors_say_what_to_do(
+    https_daemon: tuple[Daemon, str], start_daemon: DaemonFactory, tmp_path: Path
+) -> None:
+    """No raw OpenSSL tuples or Twisted reprs: each failure names the server and the fix."""
+    daemon, _ = https_daemon
+    plain = start_daemon("--simulate", transport="tcp")
+    tls_port, plain_port = daemon.transport.address, plain.transport.address
+    await (await https_client(daemon, daemon.args[daemon.args.index("--tls-cert") + 1])).close()  # it serves
+    expected = {
+        f"https://localhost:{tls_port}": "the server's certificate is not trusted (certificate verify failed); "
+        "pass the CA that signed it with --ca-file",
+        f"127.0.0.1:{tls_port}": f"if the daemon serves HTTPS, use https://127.0.0.1:{tls_port}",
+        f"https://127.0.0.1:{plain_port}": f"if the daemon serves plain HTTP, use 127.0.0.1:{plain_port} instead of https://",
+        f"127.0.0.1:{free_tcp_port()}": "connection refused: is zeusd running",
+        f"unix:{tmp_path}/nobody.sock": f"no socket at {tmp_path}/nobody.sock: is zeusd running?",
+    }
+    for server, advice in expected.items():
+        async with ZeusdClient(server, timeout_s=2) as client:
+            with pytest.raises(ZeusdConnectionError) as e:
+                await within(10, client.discover())
+        assert str(e.value).startswith(f"{server}: ") and advice in str(e.value), str(e.value)
+        assert "SSL routines" not in str(e.value) and "Failure" not in str(e.value)
 
 
 @pytest_twisted.ensureDeferred

@@ -1,33 +1,29 @@
 """Bearer-token authentication: key loading, token issuing and verification.
 
 Pure logic (no HTTP, no reactor) so that the web layer, the ``zeusd token issue``
-command and the tests share one implementation of spec §11 and §12.8.
+command and the tests share one implementation of spec §11 and §12.8. Failures
+are domain errors (:class:`AuthenticationError`, :class:`ScopeError`); the web
+layer alone turns them into 401/403 responses.
 
 Interop contract (spec §11.6): tokens are JWS compact HS256 with the signing
 key being the key file's *raw bytes* (trailing newline included); what we issue
 is byte-identical to upstream zeusd v0.4.0, and what upstream issues verifies here.
 
-Why verification is hand-rolled rather than PyJWT (the spec's "Rec."):
-HS256 verification is one HMAC and a constant-time compare, but wrapping PyJWT
-to get upstream's (jsonwebtoken 9.3) strictness needs nearly as much code as
-doing it directly: PyJWT's base64 decoder accepts padding and silently drops
-characters outside the alphabet (token malleability), ``exp`` is coerced with
-``int()`` (floats and booleans pass, ``null`` is an error), an empty ``aud`` is
-accepted, the HMAC key is refused if it merely *looks* like a PEM/SSH key, and it
-warns on short keys. Doing it by hand keeps every rule of §11.3 explicit in one
-place, does not move when PyJWT's defaults change between versions, and costs a
-few microseconds. The security-relevant parts are small: only ``alg == "HS256"``
-is accepted (decided from the header *before* anything else is trusted), the
-signature is compared as its canonical base64url text with
-:func:`hmac.compare_digest` (so non-canonical or padded encodings cannot verify),
-and the payload is only parsed after the signature matched. PyJWT is still used
-by the tests as an independent implementation to cross-check both directions.
+Verification is PyJWT's (structure, the HS256 allow-list, the constant-time
+signature check, required claims), with small explicit checks for what PyJWT
+accepts and upstream (jsonwebtoken 9.3) does not: padded or non-canonical
+base64url, header fields of the wrong type, duplicated names, claims of the
+wrong type (``exp`` must be an integer, not a float or a boolean), and any
+``aud``. Claims are parsed only after the signature matched (through PyJWT's
+``_decode_payload`` hook, documented for overriding). Expiry is checked here, not by
+PyJWT, so that fresh and cached tokens follow one rule on one injectable clock:
+upstream's ``exp < floor(now) - leeway`` (PyJWT compares ``<=`` against a
+fractional wall clock, up to a second stricter).
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
 import dataclasses
 import hmac
 import json
@@ -39,16 +35,22 @@ import stat
 import threading
 import time
 from fractions import Fraction
-from typing import Any, Callable, Final, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Final, Literal, Sequence
 
-from zeusd.errors import ApiError, StartupError
+import jwt
+from jwt.algorithms import HMACAlgorithm
+
+from zeusd.errors import StartupError
+
+if TYPE_CHECKING:
+    from jwt.types import Options
 from zeusd.groups import SCOPE_NAMES, ApiGroup
 
 __all__ = [
     "AUTH_REQUIRED_MESSAGE",
+    "EXPIRED_MESSAGE",
     "MIN_KEY_MATERIAL_BYTES",
-    "WWW_AUTHENTICATE",
-    "AuthError",
+    "AuthenticationError",
     "Claims",
     "ScopeError",
     "TokenVerifier",
@@ -62,9 +64,6 @@ __all__ = [
 ]
 
 # --------------------------------------------------------------------------- constants
-
-#: Value of the ``WWW-Authenticate`` header on every 401 (spec §3, E10-E12).
-WWW_AUTHENTICATE: Final = 'Bearer realm="zeusd"'
 
 #: E10 text, upstream's wording.
 AUTH_REQUIRED_MESSAGE: Final = "Authentication required. Provide an Authorization: Bearer <token> header."
@@ -91,8 +90,7 @@ _MAX_EXP: Final = 2**64 - 1
 #: Tokens longer than this are verified but never cached (bounds the cache's memory).
 _MAX_CACHED_TOKEN_LEN: Final = 4096
 
-_B64URL_ALPHABET: Final = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
-_B64URL_RE: Final = re.compile(r"[A-Za-z0-9_-]*")
+_NOT_B64URL_RE: Final = re.compile(r"[^A-Za-z0-9_-]")
 # Visible ASCII plus horizontal tab: what actix's HeaderValue::to_str() accepts.
 _BAD_HEADER_BYTE_RE: Final = re.compile(rb"[^\t\x20-\x7e]")
 
@@ -109,27 +107,32 @@ def scope_names() -> tuple[str, ...]:
 
 # --------------------------------------------------------------------------- errors
 
+AuthFailure = Literal["missing", "invalid", "expired"]
 
-class AuthError(ApiError):
-    """401: missing/malformed credentials or a token that does not verify.
 
-    ``reason`` ("missing", "expired" or "invalid") is for logs and tests; the
-    client only sees ``message``.
+class AuthenticationError(Exception):
+    """No usable credentials: the header is missing or malformed, or the token does not verify.
+
+    ``reason`` is for logs and tests; ``message`` is what the client is told
+    (never the token itself).
     """
 
-    def __init__(self, message: str, reason: str = "invalid") -> None:
-        super().__init__(401, message, {"WWW-Authenticate": WWW_AUTHENTICATE})
-        self.reason = reason
+    def __init__(self, reason: AuthFailure, message: str) -> None:
+        super().__init__(message)
+        self.reason: AuthFailure = reason
+        self.message = message
 
 
-class ScopeError(ApiError):
-    """403: a valid token that lacks the scope of the requested API group (E13)."""
+class ScopeError(Exception):
+    """A valid token that lacks the scope of the requested API group (E13)."""
 
     def __init__(self, sub: str, group: str, scopes: Sequence[str]) -> None:
         listed = ", ".join(f"'{s}'" for s in scopes)
-        super().__init__(403, f"Token for user '{sub}' lacks required scope '{group}'. Token scopes: [{listed}]")
+        self.message = f"Token for user '{sub}' lacks required scope '{group}'. Token scopes: [{listed}]"
+        super().__init__(self.message)
         self.sub = sub
         self.group = group
+        self.scopes = tuple(scopes)
 
 
 class _Invalid(Exception):
@@ -163,7 +166,7 @@ def _group_name(group: str) -> str:
 
 
 def required_scope_check(claims: Claims, group: str) -> None:
-    """Raise ScopeError (403) unless ``claims`` grant ``group`` (§3 step 7).
+    """Raise ScopeError unless ``claims`` grant ``group`` (§3 step 7; the web layer answers 403).
 
     ``group`` may be an ApiGroup or its name.
     """
@@ -206,7 +209,24 @@ def load_signing_key(path: str) -> bytes:
             f"at least {MIN_KEY_MATERIAL_BYTES} are required. Create a good key with "
             f"`openssl rand -base64 32 > {quoted} && chmod 600 {quoted}`"
         )
+    if not _usable_hmac_key(data):
+        raise StartupError(
+            f"Signing key in '{path}' looks like a public/private key, certificate or JWK, which is not "
+            f"used as an HMAC secret. Create a random key with `openssl rand -base64 32 > {quoted} && chmod 600 {quoted}`"
+        )
     return data
+
+
+_HS256: Final = HMACAlgorithm(HMACAlgorithm.SHA256)
+
+
+def _usable_hmac_key(key: bytes) -> bool:
+    """PyJWT refuses HMAC keys that look like PEM, SSH, DER or JWK keys: find out at startup, not per request."""
+    try:
+        _HS256.prepare_key(key)
+    except jwt.InvalidKeyError:
+        return False
+    return True
 
 
 def _os_error_text(e: OSError) -> str:
@@ -338,74 +358,65 @@ def parse_expires(text: str, now: float) -> int | None:
 
 def extract_bearer_token(header: bytes | str | None) -> str:
     """§3 step 5: the header must exist, be visible ASCII and start with exactly ``Bearer ``."""
+    missing = AuthenticationError("missing", AUTH_REQUIRED_MESSAGE)
     if header is None:
-        raise AuthError(AUTH_REQUIRED_MESSAGE, "missing")
+        raise missing
     if isinstance(header, str):
         try:
             header = header.encode("ascii")
         except UnicodeEncodeError:
-            raise AuthError(AUTH_REQUIRED_MESSAGE, "missing") from None
+            raise missing from None
     if _BAD_HEADER_BYTE_RE.search(header) is not None or not header.startswith(b"Bearer "):
-        raise AuthError(AUTH_REQUIRED_MESSAGE, "missing")
+        raise missing
     return header[7:].decode("ascii")
 
 
-def _b64decode_strict(seg: str) -> bytes:
-    """base64url, no padding, canonical trailing bits: what Rust's URL_SAFE_NO_PAD accepts.
-
-    Error texts follow the base64 crate's Display; they name offsets, not content.
-    """
-    if _B64URL_RE.fullmatch(seg) is None:
-        for i, ch in enumerate(seg):
-            if ch == "=":
-                raise _Invalid("Base64 error: Invalid padding")
-            if ord(ch) > 127 or ord(ch) not in _B64URL_ALPHABET:
-                raise _Invalid(f"Base64 error: Invalid symbol {ord(ch)}, offset {i}.")
-    rem = len(seg) % 4
-    if rem == 1:
+def _b64decode(seg: str) -> bytes:
+    """Unpadded, canonical base64url only (Rust's URL_SAFE_NO_PAD): PyJWT also accepts ``=`` padding."""
+    bad = _NOT_B64URL_RE.search(seg)
+    if bad is not None:
+        what = "padding" if bad.group() == "=" else f"symbol {ord(bad.group())}, offset {bad.start()}."
+        raise _Invalid(f"Base64 error: Invalid {what}")
+    if len(seg) % 4 == 1:
         raise _Invalid("Base64 error: Invalid input length.")
-    try:
-        data = base64.urlsafe_b64decode(seg + "=" * (-len(seg) % 4))
-    except (binascii.Error, ValueError):  # pragma: no cover - excluded by the checks above
-        raise _Invalid("Base64 error: Invalid input length.") from None
-    if rem and _b64url(data) != seg:
+    data = base64.urlsafe_b64decode(seg + "=" * (-len(seg) % 4))
+    if _b64url(data) != seg:  # unused low bits set: another spelling of the same bytes
         raise _Invalid(f"Base64 error: Invalid last symbol {ord(seg[-1])}, offset {len(seg) - 1}.")
     return data
+
+
+def _pairs_hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Reject duplicated names: serde refuses them, Python would keep the last one silently."""
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise ValueError(f"duplicate field `{k}`")
+            seen.add(k)
+    return d
 
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-_CHECKED_DUPLICATES: Final = frozenset(("sub", "scopes", "exp", "alg"))
-
-
-def _pairs_hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """Reject duplicated claim names: serde refuses them, Python would keep the last silently."""
-    d = dict(pairs)
-    if len(d) != len(pairs):
-        seen: set[str] = set()
-        for k, _ in pairs:
-            if k in seen and k in _CHECKED_DUPLICATES:
-                raise ValueError(f"duplicate field `{k}`")
-            seen.add(k)
-    return d
-
-
 _DECODER: Final = json.JSONDecoder(object_pairs_hook=_pairs_hook, parse_constant=_reject_constant)
 
 
-def _parse_json(data: bytes) -> tuple[Any, str]:
-    """Strict UTF-8 JSON (no NaN/Infinity, no duplicated claim names), errors as ``JSON error: …``."""
+def _parse_object(data: bytes, what: str) -> dict[str, Any]:
+    """Strict UTF-8 JSON (no NaN, no duplicated names) that must be an object; errors as ``JSON error: …``."""
     try:
-        text = data.decode("utf-8")
-        return _DECODER.decode(text), text
+        value = _DECODER.decode(data.decode("utf-8"))
     except UnicodeDecodeError:
         raise _Invalid("JSON error: invalid UTF-8") from None
     except json.JSONDecodeError as e:
         raise _Invalid(f"JSON error: {e.msg} at line {e.lineno} column {e.colno}") from None
     except (ValueError, RecursionError) as e:
         raise _Invalid(f"JSON error: {_short(str(e), 60)}") from None
+    if not isinstance(value, dict):
+        raise _Invalid(f"JSON error: invalid type: {_unexpected(value)}, expected struct {what}")
+    return value
 
 
 def _short(s: str, limit: int = 32) -> str:
@@ -415,7 +426,7 @@ def _short(s: str, limit: int = 32) -> str:
 
 
 def _unexpected(v: Any) -> str:
-    """serde's ``Unexpected`` wording for a JSON value."""
+    """serde's wording for a JSON value in a type error."""
     if v is None:
         return "null"
     if isinstance(v, bool):
@@ -426,42 +437,49 @@ def _unexpected(v: Any) -> str:
         return f"floating point `{v}`"
     if isinstance(v, str):
         return f'string "{_short(v)}"'
-    if isinstance(v, list):
-        return "sequence"
-    return "map"
+    return "sequence" if isinstance(v, list) else "map"
 
 
-def _end_position(text: str) -> str:
-    """serde_json's location after the closing brace (where 'missing field' is reported)."""
-    s = text.rstrip(" \t\n\r")
-    nl = s.rfind("\n")
-    return f"at line {s.count(chr(10)) + 1} column {len(s[nl + 1:].encode('utf-8'))}"
+def _listed(names: Sequence[str]) -> str:
+    return ", ".join(f"`{n}`" for n in names)
+
+
+def _type_error(value: Any, expected: str) -> _Invalid:
+    return _Invalid(f"JSON error: invalid type: {_unexpected(value)}, expected {expected}")
+
+
+#: jsonwebtoken's Header fields and their types (each may be null); other fields are ignored.
+_HEADER_STRINGS: Final = ("typ", "cty", "jku", "kid", "x5u", "x5t", "x5t#S256")
 
 
 def _check_header(seg: str) -> None:
-    """Header: a JSON object whose ``alg`` is HS256 (§11.3 step 2); other fields ignored."""
-    header, text = _parse_json(_b64decode_strict(seg))
-    if not isinstance(header, dict):
-        raise _Invalid(f"JSON error: invalid type: {_unexpected(header)}, expected struct Header")
+    """The header as upstream accepts it: ``alg`` HS256, known fields of the right type (§11.3 step 2)."""
+    header = _parse_object(_b64decode(seg), "Header")
     if "alg" not in header:
-        raise _Invalid(f"JSON error: missing field `alg` {_end_position(text)}")
+        raise _Invalid("JSON error: missing field `alg`")
     alg = header["alg"]
-    if not isinstance(alg, str) or alg not in _KNOWN_ALGS:
-        what = f"unknown variant `{_short(alg)}`" if isinstance(alg, str) else f"invalid type: {_unexpected(alg)}"
-        raise _Invalid(f"JSON error: {what}, expected one of {', '.join(f'`{a}`' for a in _KNOWN_ALGS)}")
+    if not isinstance(alg, str):
+        raise _type_error(alg, "a string")
+    if alg not in _KNOWN_ALGS:
+        raise _Invalid(f"JSON error: unknown variant `{_short(alg)}`, expected one of {_listed(_KNOWN_ALGS)}")
     if alg != "HS256":
         raise _Invalid("InvalidAlgorithm")
+    for name in _HEADER_STRINGS:
+        if header.get(name) is not None and not isinstance(header[name], str):
+            raise _type_error(header[name], f"a string for `{name}`")
+    x5c = header.get("x5c")
+    if x5c is not None and not (isinstance(x5c, list) and all(isinstance(c, str) for c in x5c)):
+        raise _type_error(x5c, "a sequence of strings for `x5c`")
+    if header.get("jwk") is not None and not isinstance(header["jwk"], dict):
+        raise _type_error(header["jwk"], "a map for `jwk`")
 
 
-def _claims_from_payload(payload: Any, text: str) -> tuple[Claims, bool]:
-    """Type-check the claims like upstream's serde struct; returns (claims, has ``aud``)."""
-    if not isinstance(payload, dict):
-        raise _Invalid(f"JSON error: invalid type: {_unexpected(payload)}, expected struct Claims")
-    # Check known fields in document order, as serde reports the first bad one.
+def _check_claims(payload: dict[str, Any]) -> dict[str, Any]:
+    """Upstream's claim types, in document order (the first bad one is reported)."""
     for name, value in payload.items():
         if name == "sub":
             if not isinstance(value, str):
-                raise _Invalid(f"JSON error: invalid type: {_unexpected(value)}, expected a string")
+                raise _type_error(value, "a string")
             if not value.isascii():
                 try:
                     value.encode("utf-8")
@@ -469,24 +487,47 @@ def _claims_from_payload(payload: Any, text: str) -> tuple[Claims, bool]:
                     raise _Invalid("JSON error: lone surrogate in `sub`") from None
         elif name == "scopes":
             if not isinstance(value, list):
-                raise _Invalid(f"JSON error: invalid type: {_unexpected(value)}, expected a sequence")
+                raise _type_error(value, "a sequence")
             for item in value:
                 if not isinstance(item, str):
-                    raise _Invalid(f"JSON error: invalid type: {_unexpected(item)}, expected enum ApiGroup")
+                    raise _type_error(item, "a scope name")
                 if item not in SCOPE_NAMES:
-                    expected = ", ".join(f"`{n}`" for n in scope_names())
-                    raise _Invalid(f"JSON error: unknown variant `{_short(item)}`, expected one of {expected}")
-        elif name == "exp":
-            if value is not None:
-                if type(value) is not int:
-                    raise _Invalid(f"JSON error: invalid type: {_unexpected(value)}, expected usize")
-                if not 0 <= value <= _MAX_EXP:
-                    raise _Invalid(f"JSON error: invalid value: {_unexpected(value)}, expected usize")
+                    raise _Invalid(f"JSON error: unknown variant `{_short(item)}`, expected one of {_listed(scope_names())}")
+        elif name == "exp" and value is not None:
+            if type(value) is not int:  # not a float, not a boolean
+                raise _type_error(value, "usize")
+            if not 0 <= value <= _MAX_EXP:
+                raise _Invalid(f"JSON error: invalid value: {_unexpected(value)}, expected usize")
     for required in ("sub", "scopes"):
         if required not in payload:
-            raise _Invalid(f"JSON error: missing field `{required}` {_end_position(text)}")
-    claims = Claims(sub=payload["sub"], scopes=tuple(payload["scopes"]), exp=payload.get("exp"))
-    return claims, "aud" in payload
+            raise _Invalid(f"JSON error: missing field `{required}`")
+    return payload
+
+
+class _StrictClaimsJWT(jwt.PyJWT):
+    """PyJWT, with the payload parsed strictly and type-checked once the signature matched."""
+
+    def _decode_payload(self, decoded: dict[str, Any]) -> dict[str, Any]:
+        return _check_claims(_parse_object(decoded["payload"], "Claims"))
+
+
+#: What PyJWT checks beyond the signature: presence of the required claims. Time claims and
+#: ``aud`` are ours (upstream checks no ``iat``/``nbf``/``jti``; ``exp`` and ``aud`` below).
+_PYJWT_OPTIONS: Final["Options"] = {
+    "require": ["sub", "scopes"],
+    "verify_exp": False,
+    "verify_nbf": False,
+    "verify_iat": False,
+    "verify_aud": False,
+    "verify_iss": False,
+    "verify_jti": False,
+}
+
+#: PyJWT's failures as upstream names them (other PyJWT errors keep their own text).
+_PYJWT_ERRORS: Final[tuple[tuple[type[Exception], str], ...]] = (
+    (jwt.InvalidSignatureError, "InvalidSignature"),
+    (jwt.InvalidAlgorithmError, "InvalidAlgorithm"),
+)
 
 
 class TokenVerifier:
@@ -496,7 +537,8 @@ class TokenVerifier:
     by the full token string) so a client's repeated requests skip the HMAC and
     JSON work; ``exp`` is re-checked on every hit and failures are never cached.
     The key may be of any non-empty length here: the length policy is enforced
-    by :func:`load_signing_key`, and the spec's test vectors use a 23-byte key.
+    by :func:`load_signing_key`, and the spec's test vectors use a 23-byte key
+    (PyJWT warns about it with ``InsecureKeyLengthWarning``).
     """
 
     def __init__(
@@ -509,6 +551,8 @@ class TokenVerifier:
     ) -> None:
         if not isinstance(key, (bytes, bytearray)) or not key:
             raise ValueError("signing key must be non-empty bytes")
+        if not _usable_hmac_key(bytes(key)):
+            raise ValueError("signing key looks like an asymmetric key, certificate or JWK, not an HMAC secret")
         if leeway_s < 0 or cache_size < 0:
             raise ValueError("leeway_s and cache_size must be >= 0")
         self._key = bytes(key)
@@ -517,12 +561,13 @@ class TokenVerifier:
         self._cache_size = cache_size
         self._cache: dict[str, Claims] = {}
         self._lock = threading.Lock()
+        self._jwt = _StrictClaimsJWT()
 
     def __repr__(self) -> str:  # never show the key
         return f"TokenVerifier(leeway_s={self._leeway}, cache_size={self._cache_size})"
 
     def verify_authorization(self, header: bytes | str | None) -> Claims:
-        """The whole of §3 steps 5-6: raise AuthError (401) or return the claims."""
+        """The whole of §3 steps 5-6: the claims, or AuthenticationError."""
         return self.verify_token(extract_bearer_token(header))
 
     def check_scope(self, claims: Claims, group: str) -> None:
@@ -537,12 +582,12 @@ class TokenVerifier:
             if self._expired(cached, now):
                 with self._lock:
                     self._cache.pop(token, None)
-                raise AuthError(EXPIRED_MESSAGE, "expired")
+                raise AuthenticationError("expired", EXPIRED_MESSAGE)
             return cached
         try:
             claims = self._verify_uncached(token, now)
         except _Invalid as e:
-            raise AuthError(f"Invalid token: {e}", "invalid") from None
+            raise AuthenticationError("invalid", f"Invalid token: {e}") from None
         if self._cache_size and len(token) <= _MAX_CACHED_TOKEN_LEN:
             with self._lock:
                 while len(self._cache) >= self._cache_size:
@@ -559,33 +604,31 @@ class TokenVerifier:
         return claims.exp is not None and claims.exp < now - self._leeway
 
     def _verify_uncached(self, token: str, now: int) -> Claims:
-        # jsonwebtoken splits from the right: extra dots end up in the header part.
-        if not token.isascii():
+        # Pre-checks, in upstream's order: three parts split from the right (extra
+        # dots stay in the header part), the header, a canonical 32-byte signature.
+        if not token.isascii() or token.count(".") < 2:
             raise _Invalid("InvalidToken")
-        signature, dot, message = _rsplit2(token)
-        if not dot:
-            raise _Invalid("InvalidToken")
-        payload_seg, dot2, header_seg = _rsplit2(message)
-        if not dot2:
-            raise _Invalid("InvalidToken")
-        # 1. Algorithm from the header, before trusting anything else.
+        message, _, signature = token.rpartition(".")
+        header_seg, _, payload_seg = message.rpartition(".")
         _check_header(header_seg)
-        # 2. Signature, compared as canonical base64url text in constant time.
-        expected = _sign(self._key, message.encode("ascii"))
-        if not hmac.compare_digest(expected.encode("ascii"), signature.encode("ascii")):
+        try:
+            signature_bytes = _b64decode(signature)
+        except _Invalid:
+            signature_bytes = b""
+        if len(signature_bytes) != 32:  # upstream compares the base64 text: any other spelling fails
             raise _Invalid("InvalidSignature")
-        # 3. Claims (only now, from an authenticated payload).
-        payload, text = _parse_json(_b64decode_strict(payload_seg))
-        claims, has_aud = _claims_from_payload(payload, text)
-        # 4. Expiry, then audience, in jsonwebtoken's order.
+        _b64decode(payload_seg)  # PyJWT would accept it padded
+        try:
+            payload = self._jwt.decode(token, self._key, algorithms=["HS256"], options=_PYJWT_OPTIONS)
+        except jwt.InvalidTokenError as e:
+            for kind, name in _PYJWT_ERRORS:
+                if isinstance(e, kind):
+                    raise _Invalid(name) from None
+            raise _Invalid(_short(str(e), 80)) from None
+        claims = Claims(sub=payload["sub"], scopes=tuple(payload["scopes"]), exp=payload.get("exp"))
+        # Expiry, then audience, in jsonwebtoken's order; any ``aud`` at all is refused.
         if self._expired(claims, now):
-            raise AuthError(EXPIRED_MESSAGE, "expired")
-        if has_aud:
+            raise AuthenticationError("expired", EXPIRED_MESSAGE)
+        if "aud" in payload:
             raise _Invalid("InvalidAudience")
         return claims
-
-
-def _rsplit2(s: str) -> tuple[str, str, str]:
-    """``rsplitn(2, '.')``: (last part, separator, rest); separator empty when there is no dot."""
-    rest, dot, last = s.rpartition(".")
-    return last, dot, rest

@@ -22,13 +22,12 @@ from typing import Any, Callable, ClassVar, Sequence
 
 from twisted.python import usage
 
+from zeusd.constants import DEFAULT_SOCKET_PATH
 from zeusd.groups import DEFAULT_GROUPS, ApiGroup
 from zeusd.listeners import ListenerSpec, ListenSyntaxError, inherited_listeners, parse_listen, parse_mode
 
 MAX_POLL_HZ = 1000
 MAX_SIMULATED_DEVICES = 64
-#: Upstream v0.4.0's socket path; the Zeus clients and ``zeusd watch`` look here too.
-DEFAULT_SOCKET_PATH = "/var/run/zeusd.sock"
 DEFAULT_TCP_ADDRESS = "127.0.0.1:4938"
 #: Where RAPL zones are looked for when ``--rapl-root`` is not given, in order:
 #: a container's bind mount of the host's tree first (as upstream does), then the host's.

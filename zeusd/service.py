@@ -203,6 +203,7 @@ class ZeusdService(MultiService):
         self,
         reactor: Any,
         config: ServeConfig,
+        site: ZeusdSite,
         discovery: Any,
         notifier: Notifier | None = None,
         exit_on_startup_error: bool = True,
@@ -210,6 +211,8 @@ class ZeusdService(MultiService):
         super().__init__()
         self._reactor = reactor
         self.config = config
+        #: The web site every listener serves.
+        self.site = site
         self._discovery = discovery
         self._notifier = notifier or Notifier(None)
         self._exit_on_startup_error = exit_on_startup_error
@@ -376,7 +379,7 @@ def make_service(
         children.append(ListenerService(reactor, spec, site, config.socket_owner))
 
     service = ZeusdService(
-        reactor, config, lambda: discovery_info(config, gpus, cpus), notifier, exit_on_startup_error
+        reactor, config, site, lambda: discovery_info(config, gpus, cpus), notifier, exit_on_startup_error
     )
     for child in children:
         child.setServiceParent(service)

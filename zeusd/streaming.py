@@ -259,7 +259,8 @@ class StreamHub:
             return
         channel.subscribers.discard(subscriber)
         request = subscriber.request
-        if getattr(request, "producer", None) is subscriber:
+        # After connectionLost the request has no channel left to unregister from.
+        if getattr(request, "producer", None) is subscriber and getattr(request, "channel", None) is not None:
             request.unregisterProducer()
         if not channel.subscribers:
             del self._channels[channel.key]

@@ -1,34 +1,42 @@
 """``zeusd watch`` and ``zeusd power``: the power of one or many nodes, from a terminal.
 
-Both are thin users of :mod:`zeusd.client`: ``watch`` renders a
-:class:`~zeusd.client.MultiPowerStream` (redrawn with ANSI escapes, no curses),
-``power`` takes one ``get_power`` reading of every GPU and CPU package of each
-server and prints a table or JSON. The option classes live here too, so the
-client (treq) is only imported when one of these commands runs.
+Both are thin users of :mod:`zeusd.client` drawn with ``rich``: ``watch``
+shows a :class:`~zeusd.client.MultiPowerStream` in a ``rich.live.Live`` table
+(terminal size, colour and redraw are rich's), or, when stdout is not a
+terminal, prints plain lines once a second; ``power`` takes one ``get_power``
+reading of every GPU and CPU package of each server and prints a table or
+JSON. A server that cannot be read is shown as such, never as 0 W. The option
+classes live here too, so the client (treq) is only imported when one of these
+commands runs.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 import time
-from typing import IO, TYPE_CHECKING, Any, Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import IO, TYPE_CHECKING, Any, Awaitable, Callable, Coroutine, Mapping, Sequence
 
 from twisted.python import usage
 
 from zeusd.options import VersionOption
 
 if TYPE_CHECKING:
-    from zeusd.client import CpuPower, GpuPower, MultiPowerStream, ServerAddress, ZeusdClient
+    from rich.console import Console, RenderableType
+    from rich.table import Table
+
+    from zeusd.client import CpuPower, DeviceKind, GpuPower, PowerReading, ServerAddress, ServerStatus, ZeusdClient
 
 #: Exit status of an interrupted one-shot ``zeusd power`` (128 + SIGINT, as shells report it).
 INTERRUPTED = 130
-#: Redraw at most this often (the GPU stream's default rate is 20 Hz).
-MAX_REDRAW_HZ = 20.0
-
-CLEAR = "\x1b[H\x1b[2J"
-HIDE_CURSOR, SHOW_CURSOR = "\x1b[?25l", "\x1b[?25h"
-ALT_SCREEN_ON, ALT_SCREEN_OFF = "\x1b[?1049h", "\x1b[?1049l"
+#: A terminal is redrawn at most this often (the GPU stream's default rate is 20 Hz) ...
+MAX_REDRAW_HZ = 10.0
+#: ... and at least this often, so ages and reconnect countdowns move; plain output comes at this rate.
+TICK_S = 1.0
+#: A reading older than this is marked with its age.
+STALE_S = 5.0
 
 
 class _ClientOptions(VersionOption, usage.Options):
@@ -75,7 +83,10 @@ class WatchOptions(_ClientOptions):
     """zeusd watch: live power of every GPU and CPU package of one or more daemons."""
 
     synopsis = "[--server unix:PATH | HOST:PORT | https://HOST:PORT ...] [--token T]"
-    longdesc = "Redraws at the stream rate until Ctrl-C. Totals per server and overall."
+    longdesc = (
+        "Redraws as readings arrive until Ctrl-C, with totals per server and overall. "
+        "When stdout is not a terminal, prints one line per server and a total line every second."
+    )
 
 
 class PowerOptions(_ClientOptions):
@@ -130,14 +141,28 @@ def _clients(options: _ClientOptions, reactor: Any) -> list[ZeusdClient]:
     ]
 
 
+def _console(out: IO[str], **kw: Any) -> Console:
+    from rich.console import Console
+
+    return Console(file=out, highlight=False, **kw)
+
+
+def _w(watts: float | None) -> str:
+    return "—" if watts is None else f"{watts:.1f}"
+
+
 # --------------------------------------------------------------------------- zeusd power
 
 
 async def read_server(client: ZeusdClient) -> dict[str, Any]:
-    """One server's GPU and CPU power (whatever it serves), in the daemon's own JSON shapes."""
+    """One server's GPU and CPU power (whatever it serves), in the daemon's own JSON shapes.
+
+    ``total_w`` is ``None`` (and ``error`` says why) when the server, or one
+    of the device kinds it serves, could not be read: a missing reading is not 0 W.
+    """
     from zeusd.client import ZeusdError, gather
 
-    entry: dict[str, Any] = {"server": client.label, "error": None, "gpu": None, "cpu": None, "total_w": 0.0}
+    entry: dict[str, Any] = {"server": client.label, "error": None, "gpu": None, "cpu": None, "total_w": None}
     try:
         discovery = await client.discover()
         reads: list[Awaitable[Any]] = []
@@ -158,7 +183,8 @@ async def read_server(client: ZeusdClient) -> dict[str, Any]:
             entry["error"] = "; ".join(errors)
     except ZeusdError as e:
         entry["error"] = str(e)
-    entry["total_w"] = _total_w(entry)
+    if entry["error"] is None:
+        entry["total_w"] = _total_w(entry)
     return entry
 
 
@@ -176,7 +202,7 @@ def _power_json(power: GpuPower | CpuPower) -> dict[str, Any]:
     return body
 
 
-def _total_w(entry: dict[str, Any]) -> float:
+def _total_w(entry: Mapping[str, Any]) -> float:
     total = 0.0
     if entry["gpu"]:
         total += sum(entry["gpu"]["power_mw"].values()) / 1000
@@ -185,29 +211,56 @@ def _total_w(entry: dict[str, Any]) -> float:
     return round(total, 3)
 
 
-def power_table(servers: Sequence[dict[str, Any]]) -> str:
+def power_report(servers: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """``--json``: every server's entry; the total covers the servers that could be read, the rest are named."""
+    known = [e["total_w"] for e in servers if e["total_w"] is not None]
+    return {
+        "servers": list(servers),
+        "total_w": round(sum(known), 3),
+        "unreadable": [e["server"] for e in servers if e["total_w"] is None],
+    }
+
+
+def power_table(servers: Sequence[Mapping[str, Any]]) -> Table:
     """``zeusd power``'s table: one row per device, a total per server and overall."""
-    rows: list[tuple[str, str, str, str]] = [("SERVER", "DEVICE", "POWER_W", "DRAM_W")]
+    from rich import box
+    from rich.table import Table
+
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    table.add_column("SERVER", overflow="fold")
+    table.add_column("DEVICE")
+    table.add_column("POWER_W", justify="right")
+    table.add_column("DRAM_W", justify="right")
+    table.add_column("NOTE", overflow="fold")
     for entry in servers:
         label = entry["server"]
         if entry["gpu"]:
             for index, mw in entry["gpu"]["power_mw"].items():
-                rows.append((label, f"gpu{index}", f"{mw / 1000:.1f}", ""))
+                table.add_row(label, f"gpu{index}", _w(mw / 1000), "", "")
             for index, message in entry["gpu"].get("errors", {}).items():
-                rows.append((label, f"gpu{index}", "error", message))
+                table.add_row(label, f"gpu{index}", "[red]error[/]", "", message)
         if entry["cpu"]:
             for index, value in entry["cpu"]["power_mw"].items():
-                dram = "" if value["dram_mw"] is None else f"{value['dram_mw'] / 1000:.1f}"
-                rows.append((label, f"cpu{index}", f"{value['cpu_mw'] / 1000:.1f}", dram))
-        if entry["error"]:
-            rows.append((label, "error", "-", entry["error"]))
-        rows.append((label, "total", f"{entry['total_w']:.1f}", ""))
-    rows.append(("TOTAL", "", f"{sum(e['total_w'] for e in servers):.1f}", ""))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines = [
-        f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}".rstrip() for r in rows
-    ]
-    return "\n".join(lines)
+                dram = "" if value["dram_mw"] is None else _w(value["dram_mw"] / 1000)
+                table.add_row(label, f"cpu{index}", _w(value["cpu_mw"] / 1000), dram, "")
+        if entry["total_w"] is None:
+            state = "unreachable" if entry["gpu"] is None and entry["cpu"] is None else "incomplete"
+            table.add_row(label, "total", f"[bold red]{state}[/]", "", _unlabelled(label, entry["error"]) or "",
+                          end_section=True)
+        else:
+            table.add_row(label, "total", f"[bold]{_w(entry['total_w'])}[/]", "", "", end_section=True)
+    report = power_report(servers)
+    missing = len(report["unreadable"])
+    note = f"{missing} of {len(servers)} server(s) not read" if missing else ""
+    table.add_row("[bold]TOTAL[/]", "", f"[bold]{_w(report['total_w'])}[/]", "", note)
+    return table
+
+
+def print_plain(out: IO[str], renderable: RenderableType) -> None:
+    """A rich renderable as plain text for a pipe or file: no colour, no wrapping, no trailing blanks."""
+    buffer = io.StringIO()
+    _console(buffer, width=4096, no_color=True).print(renderable)
+    out.write("".join(line.rstrip() + "\n" for line in buffer.getvalue().splitlines()))
 
 
 def run_power(options: PowerOptions, stdout: IO[str] | None = None) -> int:
@@ -225,10 +278,11 @@ def run_power(options: PowerOptions, stdout: IO[str] | None = None) -> int:
                 await client.close()
         servers = [r for r in results if isinstance(r, dict)]
         if options["json"]:
-            total = round(sum(e["total_w"] for e in servers), 3)
-            out.write(json.dumps({"servers": servers, "total_w": total}, indent=2) + "\n")
+            out.write(json.dumps(power_report(servers), indent=2) + "\n")
+        elif out.isatty():
+            _console(out).print(power_table(servers))
         else:
-            out.write(power_table(servers) + "\n")
+            print_plain(out, power_table(servers))
         out.flush()
         return 1 if any(e["error"] for e in servers) or len(servers) != len(results) else 0
 
@@ -238,142 +292,252 @@ def run_power(options: PowerOptions, stdout: IO[str] | None = None) -> int:
 # --------------------------------------------------------------------------- zeusd watch
 
 
-def _w(watts: float) -> str:
-    return f"{watts:8.1f} W"
+@dataclass
+class ServerView:
+    """One server as ``watch`` shows it: its state in words, its readings and their total."""
+
+    label: str
+    state: str  # one word: streaming, connecting, reconnecting, unreachable, failed, stopped
+    healthy: bool
+    detail: str | None
+    readings: list[PowerReading] = field(default_factory=list)
+    retry_in_s: float | None = None
+
+    @property
+    def state_text(self) -> str:
+        return self.state if self.retry_in_s is None else f"{self.state}, retry in {self.retry_in_s:g} s"
+
+    @property
+    def total_w(self) -> float | None:
+        """None without readings: a server that cannot be read has no power to show, not 0 W."""
+        return sum(r.total_watts for r in self.readings) if self.readings else None
 
 
-def render_watch(stream: MultiPowerStream, now: float | None = None) -> str:
-    """One frame of ``zeusd watch``: per-device rows, per-server totals and the grand total."""
-    now = time.time() if now is None else now
-    lines = [f"zeusd watch   {time.strftime('%H:%M:%S', time.localtime(now))}   "
-             f"{len(stream.status)} server(s)   Ctrl-C to quit", ""]
-    grand = {"gpu": 0.0, "cpu": 0.0}
-    for label, status in stream.status.items():
-        state: str = status.state
-        if status.state == "backoff":
-            state = f"reconnecting in {status.retry_in_s:g} s"
-        header = f"{label}   [{state}]"
-        if status.offset is not None and status.state == "streaming":
-            header += f"   clock offset {status.offset.offset_s * 1000:+.1f} ms"
-        lines.append(header)
-        if status.error and status.state != "streaming":
-            lines.append(f"  ! {status.error}")
-        readings = sorted(
-            (r for (server, _, _), r in stream.latest.items() if server == label),
-            key=lambda r: (r.kind != "gpu", r.index),
-        )
-        totals = {"gpu": 0.0, "cpu": 0.0}
-        for r in readings:
+def server_views(
+    status: Mapping[str, ServerStatus], latest: Mapping[tuple[str, DeviceKind, int], PowerReading]
+) -> list[ServerView]:
+    """What ``watch`` shows of each server, from a MultiPowerStream's ``status`` and ``latest``."""
+    views = []
+    for label, s in status.items():
+        readings = sorted((r for (server, _, _), r in latest.items() if server == label),
+                          key=lambda r: (r.kind != "gpu", r.index))
+        if s.state == "streaming":
+            state, healthy = "streaming", True
+            detail = None if s.offset is None else f"clock offset {s.offset.offset_s * 1000:+.1f} ms"
+        elif s.state == "backoff":
+            state, healthy, detail = "unreachable", False, s.error
+        elif s.state == "connecting" and s.error:
+            state, healthy, detail = "reconnecting", False, s.error
+        else:
+            state, healthy, detail = s.state, s.state == "connecting", s.error
+        retry = s.retry_in_s if s.state == "backoff" else None
+        views.append(ServerView(label, state, healthy, _unlabelled(label, detail), readings, retry))
+    return views
+
+
+def _unlabelled(label: str, error: str | None) -> str | None:
+    """A client error without the server name it starts with (the row already names the server)."""
+    return None if error is None else error.removeprefix(f"{label}: ")
+
+
+def _totals(views: Sequence[ServerView]) -> tuple[float | None, float | None, int]:
+    """GPU and CPU watts over every reading shown (None: no server has readings), and how many servers have none."""
+    readings = [r for v in views for r in v.readings]
+    unread = sum(1 for v in views if v.total_w is None)
+    if not readings:
+        return None, None, unread
+    gpu = sum(r.total_watts for r in readings if r.kind == "gpu")
+    cpu = sum(r.total_watts for r in readings if r.kind == "cpu")
+    return gpu, cpu, unread
+
+
+def _sum(gpu: float | None, cpu: float | None) -> float | None:
+    return None if gpu is None or cpu is None else gpu + cpu
+
+
+def watch_view(views: Sequence[ServerView], now: float) -> RenderableType:
+    """One frame of ``zeusd watch``: per server a title line, its devices and total; then the totals."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    def table() -> Table:  # the same columns everywhere, so that every server's rows line up
+        t = Table(show_header=False, box=None, padding=(0, 2, 0, 2))
+        t.add_column(min_width=10)
+        t.add_column(justify="right", min_width=12)
+        t.add_column(min_width=14)
+        t.add_column(overflow="fold")
+        return t
+
+    def watts(value: float | None) -> str:
+        return "—" if value is None else f"{value:.1f} W"
+
+    clock = time.strftime("%H:%M:%S", time.localtime(now))
+    parts: list[RenderableType] = [Text(f"zeusd watch  {clock}  {len(views)} server(s)  Ctrl-C to quit", style="bold")]
+    for view in views:
+        colour = "green" if view.state == "streaming" else ("yellow" if view.healthy else "red")
+        title = Text.assemble("\n", (view.label, "bold"), "  ", (view.state_text, colour))
+        if view.detail:
+            title.append(f"  {view.detail}")
+        t = table()
+        for r in view.readings:
             age = now - r.timestamp
-            stale = f"   ({age:.0f} s old)" if age > 5 else ""
-            if r.kind == "gpu":
-                lines.append(f"  GPU {r.index:<3}      {_w(r.watts)}{stale}")
-            else:
-                dram = "" if r.dram_watts is None else f"   DRAM {r.dram_watts:.1f} W"
-                lines.append(f"  CPU {r.index:<3}      {_w(r.watts)}{dram}{stale}")
-            totals[r.kind] += r.total_watts
-        if readings:
-            lines.append(f"  GPU total    {_w(totals['gpu'])}")
-            lines.append(f"  CPU total    {_w(totals['cpu'])}")
-            lines.append(f"  total        {_w(totals['gpu'] + totals['cpu'])}")
-        elif status.state == "streaming":
-            lines.append("  (waiting for readings)")
-        grand["gpu"] += totals["gpu"]
-        grand["cpu"] += totals["cpu"]
-        lines.append("")
-    lines.append(f"GPU total      {_w(grand['gpu'])}")
-    lines.append(f"CPU total      {_w(grand['cpu'])}")
-    lines.append(f"TOTAL          {_w(grand['gpu'] + grand['cpu'])}")
-    return "\n".join(lines)
+            t.add_row(f"{r.kind.upper()} {r.index}", watts(r.watts),
+                      "" if r.dram_watts is None else f"DRAM {watts(r.dram_watts)}",
+                      f"[yellow]{age:.0f} s old[/]" if age > STALE_S else "")
+        total = "[red]unreachable[/]" if view.total_w is None and not view.healthy else watts(view.total_w)
+        t.add_row("[bold]total[/]", f"[bold]{total}[/]", "", "")
+        parts += [title, t]
+    gpu, cpu, unread = _totals(views)
+    t = table()
+    t.add_row("GPU total", watts(gpu), "", "")
+    t.add_row("CPU total", watts(cpu), "", "")
+    t.add_row("[bold]TOTAL[/]", f"[bold]{watts(_sum(gpu, cpu))}[/]", "",
+              f"[red]{unread} of {len(views)} server(s) without readings[/]" if unread else "")
+    parts += [Text("\nall servers", style="bold"), t]
+    return Group(*parts)
 
 
-class _Screen:
-    """Writes frames to the terminal; restores it (cursor, main screen) on exit."""
+def watch_lines(views: Sequence[ServerView], now: float) -> list[str]:
+    """``watch`` without a terminal: one line per server and one total line, stamped with the time."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now))
 
-    def __init__(self, out: IO[str]) -> None:
+    def watts(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f}W"
+
+    lines = []
+    for view in views:
+        parts = [stamp, view.label, view.state]
+        if view.retry_in_s is not None:
+            parts.append(f"retry_in={view.retry_in_s:g}s")
+        for r in view.readings:
+            dram = "" if r.dram_watts is None else f" dram={watts(r.dram_watts)}"
+            parts.append(f"{r.kind}{r.index}={watts(r.watts)}{dram}")
+        parts.append(f"total={watts(view.total_w)}")
+        if view.detail and not view.healthy:
+            parts.append(f"error={json.dumps(view.detail)}")
+        lines.append(" ".join(parts))
+    gpu, cpu, unread = _totals(views)
+    lines.append(f"{stamp} TOTAL gpu={watts(gpu)} cpu={watts(cpu)} total={watts(_sum(gpu, cpu))} "
+                 f"unread={unread}/{len(views)}")
+    return lines
+
+
+class WatchScreen:
+    """Where ``watch`` draws: a rich Live view on a terminal, plain lines elsewhere.
+
+    ``changed()`` is called for every reading and state change: on a terminal
+    it schedules a redraw (at most ``MAX_REDRAW_HZ``); plain output ignores it
+    and is written by ``tick()``, which the caller runs every ``TICK_S``.
+    """
+
+    def __init__(self, out: IO[str], clock: Any, source: Callable[[], list[ServerView]]) -> None:
         self._out = out
-        self._tty = out.isatty()
-        self._open = False
+        self._clock = clock
+        self._source = source
+        self._live: Any = None
+        self._pending: Any = None
+        self._last = float("-inf")
+        self.terminal = out.isatty()
+        self.frames = 0
 
     def open(self) -> None:
-        if self._tty and not self._open:
-            self._out.write(ALT_SCREEN_ON + HIDE_CURSOR)
-        self._open = True
+        if self.terminal and self._live is None:
+            from rich.live import Live
 
-    def draw(self, frame: str) -> None:
-        if self._tty:
-            # Clear to the end of each line so shrinking numbers leave no residue.
-            self._out.write(CLEAR + frame.replace("\n", "\x1b[K\n") + "\x1b[K\n")
+            self._live = Live(console=_console(self._out), screen=True, auto_refresh=False,
+                              redirect_stdout=False, redirect_stderr=False)
+            self._live.start()
+            self._draw()
+
+    def changed(self, _: object = None) -> None:
+        if not self.terminal or self._pending is not None:
+            return
+        wait = max(0.0, self._last + 1 / MAX_REDRAW_HZ - self._clock.seconds())
+        self._pending = self._clock.callLater(wait, self._draw)
+
+    def tick(self) -> None:
+        if self.terminal:
+            self.changed()
         else:
-            self._out.write(CLEAR + frame + "\n")
-        self._out.flush()
+            self._out.write("".join(line + "\n" for line in watch_lines(self._source(), time.time())))
+            self._out.flush()
+            self.frames += 1
+
+    def _draw(self) -> None:
+        self._pending = None
+        self._last = self._clock.seconds()
+        if self._live is not None:
+            self._live.update(watch_view(self._source(), time.time()), refresh=True)
+            self.frames += 1
 
     def close(self) -> None:
-        if self._open and self._tty:
-            self._out.write(SHOW_CURSOR + ALT_SCREEN_OFF)
-            self._out.flush()
-        self._open = False
+        if self._pending is not None and self._pending.active():
+            self._pending.cancel()
+        self._pending = None
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
 
 
 def run_watch(options: WatchOptions, stdout: IO[str] | None = None) -> int:
-    """Redraw until Ctrl-C (exit 0); the terminal is restored on any exit."""
+    """Draw until Ctrl-C (exit 0); the terminal is restored on any exit."""
     from zeusd.client import MultiPowerStream
 
     out = stdout or sys.stdout
-    screen = _Screen(out)
-    holder: dict[str, MultiPowerStream] = {}
+    holder: dict[str, Any] = {}
 
     async def main(reactor: Any) -> int:
         from twisted.internet.defer import Deferred
+        from twisted.internet.task import LoopingCall
 
-        pending: list[Any] = []
-        last = [0.0]
-
-        def redraw() -> None:
-            pending.clear()
-            last[0] = time.monotonic()
-            screen.draw(render_watch(stream))
-
-        def schedule(_: object = None) -> None:
-            if pending:
-                return
-            wait = max(0.0, last[0] + 1 / MAX_REDRAW_HZ - time.monotonic())
-            pending.append(reactor.callLater(wait, redraw))
-
+        stream: MultiPowerStream | None = None
+        screen = WatchScreen(out, reactor, lambda: server_views(stream.status, stream.latest) if stream else [])
         stream = MultiPowerStream(
             options.servers,
             options["token"],
             reactor=reactor,
             timeout_s=options.timeout_s,
             ca_file=options["ca-file"],
-            on_reading=schedule,
-            on_status=schedule,
+            on_reading=screen.changed,
+            on_status=screen.changed,
             max_buffered=1,  # nothing iterates: readings are drawn from ``latest``
         )
-        holder["stream"] = stream
+        holder.update(stream=stream, screen=screen)
         screen.open()
         stream.start()
-        redraw()
-        # A clock tick so ages and reconnect countdowns move even when nothing streams.
-        from twisted.internet.task import LoopingCall
-
-        ticker = LoopingCall(schedule)
+        ticker = LoopingCall(screen.tick)
         ticker.clock = reactor
-        ticker.start(1.0, now=False)
+        ticker.start(TICK_S, now=False)
         forever: Deferred[int] = Deferred()
         return await forever  # ends only with the reactor (SIGINT / SIGTERM)
 
     def interrupted() -> Any:
         from twisted.internet.defer import ensureDeferred, succeed
 
-        screen.close()
+        if "screen" in holder:
+            holder["screen"].close()
         stream = holder.get("stream")
         return ensureDeferred(stream.stop()) if stream is not None else succeed(None)
 
     try:
         return _run(main, 0, interrupted)
     finally:
-        screen.close()
+        if "screen" in holder:
+            holder["screen"].close()
 
 
-__all__ = ["PowerOptions", "WatchOptions", "power_table", "read_server", "render_watch", "run_power", "run_watch"]
+__all__ = [
+    "PowerOptions",
+    "ServerView",
+    "WatchOptions",
+    "WatchScreen",
+    "power_report",
+    "power_table",
+    "read_server",
+    "run_power",
+    "run_watch",
+    "server_views",
+    "watch_lines",
+    "watch_view",
+]

@@ -26,6 +26,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
+from zeusd.auth import AuthenticationError, ScopeError
 from zeusd.errors import ApiError, NotFound
 from zeusd.groups import ApiGroup, group_for_path
 from zeusd.web.limits import BoundedBodyRequest, DeadlineChannel
@@ -34,12 +35,14 @@ from zeusd.web.responses import install_error_handlers, json_body, json_response
 log = Logger()
 
 _EXEMPT = frozenset(("/discover", "/time"))
+#: On every 401 (spec §3, E10-E12).
+WWW_AUTHENTICATE = 'Bearer realm="zeusd"'
 _METHODS = frozenset((b"GET", b"POST"))
 
 
 class Authenticator(Protocol):
-    """What the root needs from auth: claims for a header (or ApiError 401),
-    and a scope check (or ApiError 403)."""
+    """What the root needs from auth: claims for a header (or AuthenticationError),
+    and a scope check (or ScopeError)."""
 
     def verify_authorization(self, header: bytes | None) -> Any: ...
 
@@ -149,6 +152,10 @@ class ZeusdRoot(Resource):
             target = self._route(request)
         except ApiError as error:
             return render_error(request, error)
+        except AuthenticationError as error:
+            return render_error(request, ApiError(401, error.message, {"WWW-Authenticate": WWW_AUTHENTICATE}))
+        except ScopeError as error:
+            return render_error(request, ApiError(403, error.message))
         rendered: bytes | int = target.render(request)
         return rendered
 
@@ -193,4 +200,4 @@ def _decoded_path(request: IRequest) -> str | None:
         return None
 
 
-__all__ = ["RequestObserver", "ZeusdRoot", "ZeusdSite", "route_paths", "server_resource", "NOT_DONE_YET"]
+__all__ = ["WWW_AUTHENTICATE", "RequestObserver", "ZeusdRoot", "ZeusdSite", "route_paths", "server_resource", "NOT_DONE_YET"]
