@@ -5,14 +5,13 @@
 # skip, naming the missing program. Never fails the build: a missing package is a skip.
 set -uo pipefail
 
+# Each package installs a program of its own name, which is what the tests look for.
 PACKAGES=(prometheus chromium)
-# The program each package provides, as the tests look for it.
-declare -A PROGRAM=([prometheus]=prometheus [chromium]=chromium)
 
 missing=()
 for package in "${PACKAGES[@]}"; do
-    if command -v "${PROGRAM[$package]}" >/dev/null 2>&1; then
-        echo "setup_system_packages: ${PROGRAM[$package]} present"
+    if command -v "$package" >/dev/null 2>&1; then
+        echo "setup_system_packages: $package present"
     else
         missing+=("$package")
     fi

@@ -159,7 +159,8 @@ def test_bad_read_input_is_400_json(sim_daemon: Daemon, path: str, message: str)
         ("GET", "/gpu/get_power/"),
         ("GET", "/gpu//get_power"),
         ("GET", "/gpu/no_such_thing"),
-        ("GET", "/"),
+        ("GET", "/index.html"),
+        ("GET", "/ui/"),
         ("GET", "/gpu%2Fget_power"),
     ],
 )
