@@ -248,7 +248,7 @@ def test_a_hidden_page_stops_the_streams(start_daemon: DaemonFactory, browser: C
     daemon = start_daemon("--simulate", transport="tcp")
     page.navigate(url(daemon))
     live_with_samples(page, "gpu-chart", 10)
-    assert subscribers(daemon) == {"gpu": 1, "cpu": 1}
+    wait_until(lambda: subscribers(daemon) == {"gpu": 1, "cpu": 1}, "the page's two streams")
 
     other = page.send("Target.createTarget", url="about:blank")["targetId"]  # the page's tab goes to the background
     page.wait_for("document.body.dataset.state === 'paused'", "the page to pause")
