@@ -9,15 +9,20 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q -e '.[test]' --config-settings editable_mode=compat
 	touch $@
 
-.PHONY: serve test zeus-clients bench
+.PHONY: serve test zeus-clients system-packages bench
 # The official Zeus clients for tests/test_zeus_compat.py; the script skips a venv that is already right.
 zeus-clients:  ## .venv-zeus-0.15 (zeus 0.15.1) and .venv-zeus-0.16 (zeus 0.16.0)
 	PYTHON=$(PYTHON) bash tests/zeus_clients/setup_venvs.sh
 
+# Prometheus and Chromium for tests/test_prometheus.py and tests/test_live_page.py: installed with
+# apt-get where missing and possible (root); otherwise the script says why and those tests skip.
+system-packages:
+	bash tests/setup_system_packages.sh
+
 serve: $(VENV)/.installed  ## the daemon on a simulated node, on $(SOCKET)
 	$(VENV)/bin/zeusd serve --simulate --socket-path $(SOCKET)
 
-test: $(VENV)/.installed zeus-clients  ## type checks, then the whole test suite
+test: $(VENV)/.installed zeus-clients system-packages  ## type checks, then the whole test suite
 	$(VENV)/bin/mypy zeusd twisted/plugins/zeusd_plugin.py
 	ZEUSD_REQUIRE_ZEUS_CLIENTS=1 $(VENV)/bin/pytest -q
 

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -56,14 +57,24 @@ class Response:
 
 @dataclass
 class Transport:
-    """Where a daemon listens: ``unix`` with a path, or ``tcp`` with a port."""
+    """Where a daemon listens: ``unix`` with a path, or ``tcp`` with a port.
+
+    A ``tcp`` transport with ``ca_file`` speaks HTTPS to 127.0.0.1, trusting
+    that certificate (the daemon gets its ``--tls-cert``/``--tls-key`` in its args).
+    """
 
     kind: str
     address: str | int
+    ca_file: str | None = None
+
+    def _tls(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=self.ca_file)
 
     def connection(self, timeout: float = 10.0) -> http.client.HTTPConnection:
         if self.kind == "unix":
             return UnixHTTPConnection(str(self.address), timeout)
+        if self.ca_file is not None:
+            return http.client.HTTPSConnection("127.0.0.1", int(self.address), timeout=timeout, context=self._tls())
         return http.client.HTTPConnection("127.0.0.1", int(self.address), timeout=timeout)
 
     def raw_socket(self, timeout: float = 10.0) -> socket.socket:
@@ -72,7 +83,8 @@ class Transport:
             sock.settimeout(timeout)
             sock.connect(str(self.address))
             return sock
-        return socket.create_connection(("127.0.0.1", int(self.address)), timeout=timeout)
+        sock = socket.create_connection(("127.0.0.1", int(self.address)), timeout=timeout)
+        return self._tls().wrap_socket(sock, server_hostname="127.0.0.1") if self.ca_file is not None else sock
 
     @property
     def serve_args(self) -> list[str]:
@@ -279,3 +291,47 @@ def write_signing_key(path: Path, data: bytes | None = None, mode: int = 0o600) 
     path.write_bytes(data)
     os.chmod(path, mode)
     return data
+
+
+def issue_token(key: Path, *scopes: str, user: str = "tester", expires: str = "1h") -> str:
+    """A token from the real ``zeusd token issue`` command."""
+    args = ["token", "issue", "--signing-key-path", str(key), "--user", user, "--expires", expires]
+    for scope in scopes:
+        args += ["--scope", scope]
+    done = run_zeusd(args)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def self_signed_cert(directory: Path) -> tuple[Path, Path]:
+    """A certificate for ``localhost`` and 127.0.0.1 and its key (mode 600): ``(cert, key)``."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    key_path.chmod(0o600)
+    return cert_path, key_path

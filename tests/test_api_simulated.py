@@ -60,6 +60,18 @@ def test_gpu_energy_grows(sim_daemon: Daemon) -> None:
     assert second["0"]["energy_mj"] > first["0"]["energy_mj"]
 
 
+def test_simulated_gpu_energy_is_its_power_integrated_in_millijoules() -> None:
+    """Energy (mJ) grows by the power (mW) times the seconds that passed (it once grew 1000x too slowly)."""
+    from zeusd.devices.gpu.simulated import SimulatedGPU
+
+    now = [100.0]
+    gpu = SimulatedGPU(0, clock=lambda: now[0])
+    before_mj, before_mw = gpu.get_total_energy_mj(), gpu.get_instant_power_mw()
+    now[0] += 0.5
+    after_mj, after_mw = gpu.get_total_energy_mj(), gpu.get_instant_power_mw()
+    assert after_mj - before_mj == pytest.approx((before_mw + after_mw) / 2 * 0.5, rel=0.01)
+
+
 def test_cpu_energy_cpu_and_dram_flags(sim_daemon: Daemon) -> None:
     c = sim_daemon.client
     both = c.get("/cpu/get_cumulative_energy?cpu_ids=0,1&cpu=true&dram=true").json()
@@ -166,7 +178,8 @@ def test_bad_read_input_is_400_json(sim_daemon: Daemon, path: str, message: str)
         ("GET", "/gpu/get_power/"),
         ("GET", "/gpu//get_power"),
         ("GET", "/gpu/no_such_thing"),
-        ("GET", "/"),
+        ("GET", "/index.html"),
+        ("GET", "/ui/"),
         ("GET", "/gpu%2Fget_power"),
     ],
 )

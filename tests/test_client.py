@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import deferLater
 
 from tests.conftest import DaemonFactory
-from tests.daemon import Daemon, Transport, free_tcp_port, terminate, write_signing_key
+from tests.daemon import Daemon, Transport, free_tcp_port, self_signed_cert, terminate, write_signing_key
 from zeusd.auth import issue_token
 from zeusd.client import (
     CpuEnergy,
@@ -238,9 +238,7 @@ async def test_tokens_from_argument_and_env(
 @pytest.fixture
 def https_daemon(tmp_path: Path) -> Iterator[tuple[Daemon, str]]:
     """A simulated daemon on HTTPS with a self-signed certificate (the CA file to trust it)."""
-    from tests.test_tls import _self_signed
-
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed_cert(tmp_path)
     daemon = Daemon(
         Transport("tcp", free_tcp_port()),
         ["--simulate", "--tls-cert", str(cert), "--tls-key", str(key)],

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from tests.conftest import DaemonFactory
-from tests.daemon import Client, Daemon, run_zeusd, unprivileged_user, wait_until, write_signing_key
+from tests.daemon import Client, Daemon, issue_token, unprivileged_user, wait_until, write_signing_key
 from tests.fakenvml import FakeNvml, build_library
 from tests.rapl_tree import RaplTree
 
@@ -303,26 +303,17 @@ def key_file(tmp_path: Path) -> Path:
     return key
 
 
-def issue(key: Path, *scopes: str) -> str:
-    args = ["token", "issue", "--signing-key-path", str(key), "--user", "prom", "--expires", "1h"]
-    for scope in scopes:
-        args += ["--scope", scope]
-    done = run_zeusd(args)
-    assert done.returncode == 0, done.stderr
-    return done.stdout.strip()
-
-
 def test_auth_requires_the_metrics_scope(start_daemon: DaemonFactory, key_file: Path) -> None:
     daemon = start_daemon("--simulate", "--signing-key-path", str(key_file))
     c = daemon.client
     no_token = c.get("/metrics")
     assert no_token.status == 401
-    reader = c.get("/metrics", token=issue(key_file, "gpu-read,cpu-read"))
+    reader = c.get("/metrics", token=issue_token(key_file, "gpu-read,cpu-read"))
     assert reader.status == 403 and "'metrics'" in reader.error
-    m = scrape(c, token=issue(key_file, "metrics"))
+    m = scrape(c, token=issue_token(key_file, "metrics"))
     assert set(m.by_gpu("zeusd_gpu_power_watts")) == {0, 1, 2, 3}
     # The metrics scope opens nothing else.
-    assert c.get("/gpu/get_power", token=issue(key_file, "metrics")).status == 403
+    assert c.get("/gpu/get_power", token=issue_token(key_file, "metrics")).status == 403
 
 
 # --------------------------------------------------------------------------- group semantics

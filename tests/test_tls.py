@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import http.client
 import json
 import os
@@ -11,40 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
-from tests.daemon import Daemon, Transport, free_tcp_port, run_zeusd
-
-
-def _self_signed(directory: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    key_path.chmod(0o600)
-    return cert_path, key_path
+from tests.daemon import Daemon, Transport, free_tcp_port, run_zeusd, self_signed_cert
 
 
 def test_https_serves_and_plain_http_does_not(tmp_path: Path) -> None:
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed_cert(tmp_path)
     port = free_tcp_port()
     daemon = Daemon(
         Transport("tcp", port), ["--simulate", "--tls-cert", str(cert), "--tls-key", str(key)], {}, tmp_path / "log"
@@ -66,7 +36,7 @@ def test_https_serves_and_plain_http_does_not(tmp_path: Path) -> None:
 
 def test_sse_streams_stay_encrypted(tmp_path: Path) -> None:
     """Stream frames go through the TLS layer too (they once bypassed it as plaintext)."""
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed_cert(tmp_path)
     port = free_tcp_port()
     daemon = Daemon(
         Transport("tcp", port), ["--simulate", "--tls-cert", str(cert), "--tls-key", str(key),
@@ -104,7 +74,7 @@ def _connect_https(port: int, context: ssl.SSLContext) -> http.client.HTTPSConne
 
 
 def test_tls_key_readable_by_others_is_refused(tmp_path: Path) -> None:
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed_cert(tmp_path)
     os.chmod(key, 0o644)
     result = run_zeusd(
         ["serve", "--simulate", "--mode", "tcp", "--tcp-bind-address", f"127.0.0.1:{free_tcp_port()}",

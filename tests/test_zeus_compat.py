@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from tests.daemon import REPO, Daemon, Transport, free_tcp_port, run_zeusd, terminate, wait_until
+from tests.daemon import REPO, Daemon, Transport, free_tcp_port, issue_token, terminate, wait_until
 from tests.fakenvml import FakeNvml, build_library
 from tests.rapl_tree import RaplTree
 
@@ -172,12 +172,6 @@ class Node:
         return FakeNvml(self.fake.state_path, self.directory / f"client-{gen}-nvml.log", self.fake.lib_dir)
 
 
-def issue_token(key: Path, user: str, scopes: str) -> str:
-    result = run_zeusd(["token", "issue", "--signing-key-path", str(key), "--user", user, "--scope", scopes, "--expires", "1h"])
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
-
-
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     directory = tmp_path_factory.mktemp("zeus-compat")
@@ -194,9 +188,9 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     other.chmod(0o600)
     node = Node(directory, fake, tree, key)
     node.tokens = {
-        "full": issue_token(key, "alice", ALL_GROUPS),
-        "gpu-read": issue_token(key, "bob", "gpu-read"),
-        "foreign": issue_token(other, "mallory", ALL_GROUPS),
+        "full": issue_token(key, ALL_GROUPS, user="alice"),
+        "gpu-read": issue_token(key, "gpu-read", user="bob"),
+        "foreign": issue_token(other, ALL_GROUPS, user="mallory"),
     }
     yield node
     for client in node.clients.values():

@@ -21,6 +21,9 @@ class ApiGroup(str, enum.Enum):
 #: Default for ``--enable``: upstream's three, in upstream's order, then ours.
 DEFAULT_GROUPS: tuple[ApiGroup, ...] = (ApiGroup.GPU_CONTROL, ApiGroup.GPU_READ, ApiGroup.CPU_READ, ApiGroup.METRICS)
 
+#: The live power page (zeusd/web/live_page.py): static, so served without a token, but only with gpu-read.
+LIVE_PAGE_PATHS: frozenset[str] = frozenset(("/", "/ui"))
+
 #: Scope names a token may carry (the group names).
 SCOPE_NAMES: frozenset[str] = frozenset(g.value for g in ApiGroup)
 
@@ -35,4 +38,6 @@ def group_for_path(path: str) -> ApiGroup | None:
         return ApiGroup.CPU_READ
     if path == "/metrics":
         return ApiGroup.METRICS
+    if path in LIVE_PAGE_PATHS:
+        return ApiGroup.GPU_READ
     return None

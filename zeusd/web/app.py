@@ -6,7 +6,7 @@ classified on the decoded path the router matches, never the raw one):
 1. method and path sanity (only GET/POST; no encoded slashes; valid UTF-8);
 2. group of the path disabled → 404 JSON, before any auth;
 3. auth off and ``/auth/...`` → 404 JSON;
-4. ``/discover`` and ``/time`` → served, no token needed;
+4. ``/discover``, ``/time`` and the live page (static) → served, no token needed;
 5. auth on → bearer token (401) and the group's scope (403);
 6. the group's Klein resource routes the request (no route → 404 JSON).
 
@@ -28,13 +28,13 @@ from twisted.web.server import NOT_DONE_YET, Site
 
 from zeusd.auth import AuthenticationError, ScopeError
 from zeusd.errors import ApiError, NotFound
-from zeusd.groups import ApiGroup, group_for_path
+from zeusd.groups import LIVE_PAGE_PATHS, ApiGroup, group_for_path
 from zeusd.web.limits import BoundedBodyRequest, DeadlineChannel
 from zeusd.web.responses import install_error_handlers, json_body, json_response, no_such_route, render_error, to_json
 
 log = Logger()
 
-_EXEMPT = frozenset(("/discover", "/time"))
+_EXEMPT = frozenset(("/discover", "/time")) | LIVE_PAGE_PATHS
 #: On every 401 (spec §3, E10-E12).
 WWW_AUTHENTICATE = 'Bearer realm="zeusd"'
 _METHODS = frozenset((b"GET", b"POST"))

@@ -13,6 +13,7 @@ from zeusd.devices.gpu.manager import GpuManager
 from zeusd.devices.readings import Reading, Results, split_results, wall_clock_ms
 from zeusd.errors import DeviceErrors, all_or_errors
 from zeusd.streaming import StreamHub
+from zeusd.web.live_page import add_live_page
 from zeusd.web.params import Kind, Param, id_map, parse_query, require_existing, select_known
 from zeusd.web.responses import install_error_handlers, json_response
 
@@ -57,6 +58,7 @@ def power_body(results: Results[Reading[int]]) -> dict[str, Any]:
 def gpu_read_resource(gpus: GpuManager, streams: StreamHub | None) -> IResource:
     app = Klein()
     install_error_handlers(app)
+    add_live_page(app)
 
     @app.route("/gpu/get_power", methods=["GET"])
     def get_power(request: IRequest) -> Any:

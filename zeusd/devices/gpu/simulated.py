@@ -82,7 +82,7 @@ class SimulatedGPU:
         now = self._clock()
         dt = now - self._last_t
         if dt > 0:
-            self._energy_mj += (self._demand_mw(self._last_t) + self._demand_mw(now)) / 2 * dt / 1000
+            self._energy_mj += (self._demand_mw(self._last_t) + self._demand_mw(now)) / 2 * dt  # mW × s = mJ
             self._last_t = now
         return now
 
