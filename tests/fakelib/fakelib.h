@@ -112,6 +112,13 @@ FAKE_FN int parse_ll(const char *v, long long *out)
     return 0;
 }
 
+/* In an X-macro over integer fields: store `value` in obj->f when `key` names f, and return. */
+#define FAKE_SET_IF(obj, key, value, f)                                                            \
+    if (strcmp((key), #f) == 0) {                                                                  \
+        (obj)->f = (value);                                                                        \
+        return;                                                                                    \
+    }
+
 /* ---- call log ---- */
 
 static void log_call(const char *fn, int gpu, const char *fmt, ...) __attribute__((format(printf, 3, 4), unused));

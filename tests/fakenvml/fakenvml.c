@@ -345,11 +345,7 @@ static void parse_gpu_key(state_t *s, int i, const char *key, const char *v)
         return;
     if (parse_ll(v, &x) != 0)
         return;
-#define SET_INT(f)                                                                                 \
-    if (strcmp(key, #f) == 0) {                                                                    \
-        g->f = x;                                                                                  \
-        return;                                                                                    \
-    }
+#define SET_INT(f) FAKE_SET_IF(g, key, x, f)
     GPU_INT_FIELDS(SET_INT)
 #undef SET_INT
 }
