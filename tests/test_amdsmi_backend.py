@@ -49,6 +49,7 @@ from zeusd.devices.gpu.amdsmi import (
     SINGLE_DOMAIN_RESET,
     AmdSmiBackend,
     AmdSmiError,
+    AmdSmiUnavailable,
     energy_counter_verdict,
     open_amdsmi_backend,
 )
@@ -531,12 +532,21 @@ def test_before_26_2_calls_are_serialised_so_a_hung_call_holds_up_every_gpu(
 # --------------------------------------------------------------------------- startup and shutdown
 
 
-def test_init_failure_is_a_startup_error(fake: FakeAmdSmi) -> None:
-    fake.set_init_error(AMDSMI_STATUS_DRIVER_NOT_LOADED)
+@pytest.mark.parametrize(
+    ("status", "absent", "text"),
+    [
+        (AMDSMI_STATUS_DRIVER_NOT_LOADED, True, "AMDSMI error 34: AMDSMI_STATUS_DRIVER_NOT_LOADED - Driver not loaded"),
+        (AMDSMI_STATUS_NO_PERM, False, NO_PERMISSION),
+    ],
+)
+def test_init_failure_is_a_startup_error(fake: FakeAmdSmi, status: int, absent: bool, text: str) -> None:
+    """No AMD driver is "AMD SMI unavailable" (an auto probe's "no AMD GPUs"); anything else is a failure."""
+    fake.set_init_error(status)
     with pytest.raises(StartupError) as caught:
         open_amdsmi_backend(sleep=Sleeps())
-    assert "AMD SMI initialisation failed" in str(caught.value)
-    assert str(caught.value).endswith("AMDSMI error 34: AMDSMI_STATUS_DRIVER_NOT_LOADED - Driver not loaded")
+    assert isinstance(caught.value, AmdSmiUnavailable) is absent
+    assert str(caught.value).startswith("AMD SMI initialisation failed (")
+    assert str(caught.value).endswith(text)
 
 
 @pytest.mark.parametrize(
@@ -550,6 +560,7 @@ def test_enumeration_failure_is_a_startup_error_and_shuts_amd_smi_down(
     with pytest.raises(StartupError) as caught:
         open_amdsmi_backend(sleep=Sleeps())
     assert str(caught.value) == f"AMD SMI cannot enumerate the GPUs: {NO_PERMISSION}"
+    assert not isinstance(caught.value, AmdSmiUnavailable)  # AMD SMI is there, and failing
     assert fake.count("amdsmi_shut_down") == 1
 
 
@@ -563,7 +574,7 @@ def test_missing_bindings_say_how_to_install_them(monkeypatch: pytest.MonkeyPatc
     for name in [m for m in sys.modules if m == "amdsmi" or m.startswith("amdsmi.")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "amdsmi", None)  # what the import system does for an absent package
-    with pytest.raises(StartupError) as caught:
+    with pytest.raises(AmdSmiUnavailable) as caught:
         open_amdsmi_backend(sleep=Sleeps())
     assert "not installed" in str(caught.value) and "pip install zeusd[amd]" in str(caught.value)
 
@@ -576,11 +587,10 @@ def test_missing_library_is_a_startup_error_naming_the_search(tmp_path: Path) ->
     script = textwrap.dedent(
         """
         import json
-        from zeusd.devices.gpu.amdsmi import open_amdsmi_backend
-        from zeusd.errors import StartupError
+        from zeusd.devices.gpu.amdsmi import AmdSmiUnavailable, open_amdsmi_backend
         try:
             open_amdsmi_backend()
-        except StartupError as e:
+        except AmdSmiUnavailable as e:
             print(json.dumps(str(e)))
         """
     )

@@ -43,6 +43,7 @@ __all__ = [
     "AmdSmiBackend",
     "AmdSmiError",
     "AmdSmiGPU",
+    "AmdSmiUnavailable",
     "ENERGY_UNAVAILABLE",
     "PERSISTENCE_UNSUPPORTED",
     "SINGLE_DOMAIN_RESET",
@@ -84,9 +85,21 @@ VALIDATION_WINDOW_S: Final = 0.5
 #: The first library that may be called from several threads at once.
 _THREAD_SAFE_SINCE: Final = (26, 2)
 
+#: amdsmi_init answers that mean "no AMD GPU driver here" rather than "something is wrong".
+_ABSENT_DRIVER: Final = frozenset({4, 18, 31, 34})  # FAIL_LOAD_MODULE, INIT_ERROR, NOT_FOUND, DRIVER_NOT_LOADED
+
 _INSTALL_HINT: Final = (
     "pip install zeusd[amd] (or the amdsmi package of your ROCm release, in /opt/rocm/share/amd_smi)"
 )
+
+
+class AmdSmiUnavailable(StartupError):
+    """AMD SMI is not on this node: no bindings, no library, or no AMD GPU driver.
+
+    An explicit ``--gpu-backend amdsmi`` stops with the message; an ``auto``
+    probe may take it as "no AMD GPUs here". Any other StartupError from
+    :func:`open_amdsmi_backend` means AMD SMI is there but failing.
+    """
 
 
 class AmdSmiError(DeviceError):
@@ -467,11 +480,11 @@ def _import_bindings() -> Any:
             import amdsmi
     except ModuleNotFoundError as e:
         if e.name != "amdsmi":
-            raise StartupError(f"The AMD SMI Python bindings cannot be imported: {e}") from e
-        raise StartupError(f"The AMD SMI Python bindings (package amdsmi) are not installed: {_INSTALL_HINT}") from e
+            raise AmdSmiUnavailable(f"The AMD SMI Python bindings cannot be imported: {e}") from e
+        raise AmdSmiUnavailable(f"The AMD SMI Python bindings (package amdsmi) are not installed: {_INSTALL_HINT}") from e
     except Exception as e:  # KeyError('libamd_smi.so'), OSError, a mismatched library's AttributeError
         detail = " ".join(printed.getvalue().split()) or f"{type(e).__name__}: {e}"
-        raise StartupError(
+        raise AmdSmiUnavailable(
             "The AMD SMI library (libamd_smi.so) cannot be loaded from $ROCM_HOME/lib, $ROCM_PATH/lib, "
             f"the loader path or /opt/rocm/lib: {detail}"
         ) from e
@@ -501,14 +514,18 @@ def open_amdsmi_backend(
     """Load the bindings, initialise AMD SMI for AMD GPUs and open every GPU it reports.
 
     Blocks (library calls and the energy counters' validation window, spent in
-    ``sleep``). Missing bindings or library, or any failure while initialising
-    or enumerating, raise ``StartupError`` saying what is wrong.
+    ``sleep``). Missing bindings, library or driver raise
+    :class:`AmdSmiUnavailable`; any other failure while initialising or
+    enumerating raises ``StartupError``; both say what is wrong.
     """
     amdsmi = _import_bindings()
     api = _Bindings(amdsmi)
     location = getattr(amdsmi.amdsmi_wrapper, "location", "libamd_smi.so")
     try:
         api.call(amdsmi.amdsmi_init, amdsmi.AmdSmiInitFlags.INIT_AMD_GPUS)
+    except AmdSmiError as e:
+        kind = AmdSmiUnavailable if e.amdsmi_status in _ABSENT_DRIVER else StartupError
+        raise kind(f"AMD SMI initialisation failed ({location}): {e.message}") from e
     except DeviceError as e:
         raise StartupError(f"AMD SMI initialisation failed ({location}): {e.message}") from e
     version, major_minor = _library_version(api)
