@@ -27,6 +27,7 @@ resolution (uJ); the GPU protocol speaks mW and mJ.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import io
 import os
 import threading
@@ -137,8 +138,6 @@ class _Bindings:
 
     def status_message(self, status: int) -> str:
         """``amdsmi_status_code_to_string`` (called at the C level: the 7.0 bindings' wrapper of it is broken)."""
-        import ctypes
-
         wrapper = self.amdsmi.amdsmi_wrapper
         text = ctypes.POINTER(ctypes.c_char)()
         try:
@@ -149,11 +148,9 @@ class _Bindings:
         value = ctypes.cast(text, ctypes.c_char_p).value if ret == 0 and text else None
         return value.decode("utf-8", "replace") if value else str(status)
 
-    def error_message(self, status: int) -> str:
-        return f"AMDSMI error {status}: {self.status_message(status)}"
-
     def device_error(self, status: int) -> AmdSmiError:
-        return AmdSmiError(self.error_message(status), status)
+        """Upstream's wording: ``AMDSMI error <status>: <the library's status string>``."""
+        return AmdSmiError(f"AMDSMI error {status}: {self.status_message(status)}", status)
 
 
 def _not_supported(error: DeviceError) -> bool:
@@ -192,7 +189,8 @@ class AmdSmiGPU:
         amdsmi = api.amdsmi
         name = str(api.call(amdsmi.amdsmi_get_gpu_asic_info, handle)["market_name"])
         bounds = {domain: _probe_clock_bounds(api, index, handle, domain) for domain in ("GFX", "MEM")}
-        return cls(api, index, handle, name, _probe_pci_address(api, index, handle), _probe_power_field(api, index, handle), bounds)
+        pci_address = _probe_pci_address(api, index, handle)
+        return cls(api, index, handle, name, pci_address, _probe_power_field(api, index, handle), bounds)
 
     def __repr__(self) -> str:
         return f"AmdSmiGPU(index={self._index}, name={self._name!r}, pci_address={self._pci_address!r})"
