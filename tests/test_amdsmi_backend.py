@@ -198,7 +198,9 @@ def test_discovery(fake: FakeAmdSmi, open_backend: Callable[..., AmdSmiBackend])
 def test_zero_gpus(fake: FakeAmdSmi, open_backend: Callable[..., AmdSmiBackend]) -> None:
     fake.set_num_gpus(0)
     sleeps = Sleeps()
-    assert open_backend(sleeps).gpus == ()
+    backend = open_backend(sleeps)
+    assert backend.gpus == ()
+    assert backend.absence == "AMD SMI reports no GPU"
     assert sleeps.requested == []  # nothing to validate, no half-second wait
 
 
@@ -206,6 +208,18 @@ def test_a_pci_failure_degrades_to_an_unknown_address(fake: FakeAmdSmi, open_bac
     fake.inject_error("amdsmi_get_gpu_device_bdf", AMDSMI_STATUS_IO, gpu=1)
     backend = open_backend()
     assert [g.pci_address for g in backend.gpus] == ["0000:0c:00.0", "", "0000:0e:00.0", "0000:0f:00.0"]
+
+
+def test_the_power_cap_range_is_known_from_startup(fake: FakeAmdSmi, open_backend: Callable[..., AmdSmiBackend]) -> None:
+    fake.set_gpu(1, min_power_cap_uw=123_456_789, max_power_cap_uw=765_432_100)
+    fake.inject_error("amdsmi_get_power_cap_info", AMDSMI_STATUS_IO, gpu=2)
+    backend = open_backend()
+    assert [g.power_limit_range_mw for g in backend.gpus] == [
+        (200_000, 750_000),
+        (123_456, 765_432),
+        None,  # unknown: left to the driver
+        (200_000, 750_000),
+    ]
 
 
 def test_power_reading_falls_back_to_the_average_where_current_is_not_available(

@@ -160,7 +160,10 @@ def _not_supported(error: DeviceError) -> bool:
 class AmdSmiGPU:
     """One AMD GPU; the handle and static properties are fetched once at startup."""
 
-    __slots__ = ("_api", "_index", "_handle", "_name", "_pci_address", "_power_field", "_energy_available", "_bounds")
+    __slots__ = (
+        "_api", "_index", "_handle", "_name", "_pci_address", "_power_field", "_energy_available", "_bounds",
+        "_limit_range",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -171,6 +174,7 @@ class AmdSmiGPU:
         pci_address: str,
         power_field: str | None,
         clock_bounds: dict[str, tuple[int, int] | None],
+        power_limit_range_mw: tuple[int, int] | None = None,
     ) -> None:
         self._api = api
         self._index = index
@@ -182,6 +186,7 @@ class AmdSmiGPU:
         self._energy_available = False  # set by the startup validation
         # Per clock domain, the (min, max) range last seen or set; None: ask the driver.
         self._bounds = clock_bounds
+        self._limit_range = power_limit_range_mw
 
     @classmethod
     def open(cls, api: _Bindings, index: int, handle: object) -> AmdSmiGPU:
@@ -190,7 +195,9 @@ class AmdSmiGPU:
         name = str(api.call(amdsmi.amdsmi_get_gpu_asic_info, handle)["market_name"])
         bounds = {domain: _probe_clock_bounds(api, index, handle, domain) for domain in ("GFX", "MEM")}
         pci_address = _probe_pci_address(api, index, handle)
-        return cls(api, index, handle, name, pci_address, _probe_power_field(api, index, handle), bounds)
+        gpu = cls(api, index, handle, name, pci_address, _probe_power_field(api, index, handle), bounds)
+        gpu._limit_range = gpu._probe_power_limit_range()
+        return gpu
 
     def __repr__(self) -> str:
         return f"AmdSmiGPU(index={self._index}, name={self._name!r}, pci_address={self._pci_address!r})"
@@ -213,6 +220,11 @@ class AmdSmiGPU:
     def energy_counter_available(self) -> bool:
         """Whether the energy counter exists and agreed with measured power at startup."""
         return self._energy_available
+
+    @property
+    def power_limit_range_mw(self) -> tuple[int, int] | None:
+        """The power cap range at startup, in mW (None if AMD SMI could not tell)."""
+        return self._limit_range
 
     @property
     def power_field(self) -> str | None:
@@ -255,6 +267,17 @@ class AmdSmiGPU:
 
     def get_persistence_mode(self) -> bool:
         raise DeviceError(PERSISTENCE_UNSUPPORTED, 400)
+
+    def _probe_power_limit_range(self) -> tuple[int, int] | None:
+        try:
+            return self.get_power_limit_constraints_mw()
+        except DeviceError as e:
+            log.info(
+                "GPU {index}: power cap range unavailable ({error}); limits are checked by the driver only",
+                index=self._index,
+                error=e.message,
+            )
+            return None
 
     # ---- control (the driver validates values; a failed range change is undone)
 
@@ -448,6 +471,11 @@ class AmdSmiBackend:
     @property
     def gpus(self) -> Sequence[AmdSmiGPU]:
         return self._gpus
+
+    @property
+    def absence(self) -> str:
+        """Why there are no GPUs (a missing library or driver stops open_amdsmi_backend instead)."""
+        return "AMD SMI reports no GPU"
 
     @property
     def serialized(self) -> bool:
