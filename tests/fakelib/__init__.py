@@ -31,7 +31,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator, Mapping, NamedTuple, Sequence
 
-__all__ = ["Call", "FakeLibrary", "StateModel", "build_library", "preload"]
+__all__ = ["Call", "FakeLibrary", "State", "StateModel", "build_library", "preload"]
 
 HEADER_DIR = Path(__file__).resolve().parent
 HEADERS = (HEADER_DIR / "fakelib.h", HEADER_DIR / "fakelib_state.h")
