@@ -5,54 +5,27 @@
  * so the daemon, its NVML backend and the official Zeus client all run their
  * real code paths against simulated H100-like GPUs.
  *
- * State lives in a small text file (env FAKENVML_STATE, re-read with getenv on
- * every call) so that several processes (daemon, Zeus client, test process)
- * share one set of GPUs and tests can inspect/modify it between calls.  Format,
- * one `key value` per line:
+ * State lives in a small text file (env FAKENVML_STATE) shared by every
+ * process that loads the library, with the call log in FAKENVML_LOG; the file
+ * protocol, the call log and the error/delay injections are the stand-ins'
+ * shared machinery (tests/fakelib/fakelib.h).  NVML's keys, one `key value`
+ * per line:
  *
  *   count 4                       number of GPUs (max 64)
  *   init_error 0                  return code of nvmlInit* (0 = works)
  *   driver_version 550.54.15
  *   nvml_version 12.550.54.15
  *   cuda_driver_version 12040
- *   generation 7                  bumped on every write (informational)
- *   gpu.<i>.<property> <value>    see gpu_t / GPU_INT_FIELDS / write_state_text()
- *   error.<function> <code>       injected return code for every GPU
- *   gpu.<i>.error.<function> <code>
- *   delay.<function> <ms>         sleep before answering (-1: until cleared)
- *   gpu.<i>.delay.<function> <ms>
+ *   gpu.<i>.<property> <value>    see gpu_t / GPU_INT_FIELDS / render_state()
  *   gpu.<i>.field_return.<fieldId> <code>   per-field nvmlReturn override
  *
- * The library caches the parsed file and re-reads it when its identity
- * (device, inode, size, mtime_ns) changes.  Writers (this library and the
- * Python helper) hold an exclusive flock on the sidecar file
- * `<state>.lock` (the state file itself is replaced by rename, so it cannot
- * carry the lock), write a temp file, give it an mtime strictly greater than
- * the previous one and rename it over the state file.  Readers hold a shared
- * flock on the same sidecar.  Without FAKENVML_STATE the library simulates 4
- * default GPUs in memory.
- *
- * If FAKENVML_LOG is set, every call appends one line
- * `<function> <gpu index or -1> [args...]` to that file with a single
- * O_APPEND write(), so lines from concurrent threads/processes never mix.
+ * Without FAKENVML_STATE the library simulates 4 default GPUs in memory.
  */
-#define _GNU_SOURCE
-#include <errno.h>
-#include <fcntl.h>
-#include <limits.h>
-#include <pthread.h>
-#include <stdarg.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <strings.h>
-#include <sys/file.h>
-#include <sys/stat.h>
-#include <time.h>
-#include <unistd.h>
-
-#define EXPORT __attribute__((visibility("default")))
+#define FAKE_STATE_ENV "FAKENVML_STATE"
+#define FAKE_LOG_ENV "FAKENVML_LOG"
+#define FAKE_NAME "fakenvml"
+#define FAKE_EXTRA_INJ_KINDS "field_return"
+#include "fakelib.h"
 
 /* ---- NVML types and constants (ABI-compatible with nvml.h) ---- */
 
@@ -191,19 +164,9 @@ typedef struct fake_device *nvmlDevice_t;
 
 /* ---- simulated state ---- */
 
-#define MAX_GPUS 64
-#define MAX_INJ 256
 #define NAME_LEN 96
-#define FN_LEN 64
 
-enum inj_kind { INJ_ERROR = 0, INJ_DELAY = 1, INJ_FIELD = 2 };
-
-typedef struct {
-    int kind;
-    int gpu; /* -1: every GPU / global */
-    char name[FN_LEN]; /* function name, or field id for INJ_FIELD */
-    long long value;
-} inj_t;
+enum { INJ_FIELD = 2 }; /* gpu.<i>.field_return.<fieldId>: the name is the field id */
 
 /* A locked clock range (nvmlDeviceSet*LockedClocks), or none. */
 typedef struct {
@@ -238,8 +201,7 @@ typedef struct {
     char driver_version[80];
     char nvml_version[80];
     gpu_t gpus[MAX_GPUS];
-    int ninj;
-    inj_t inj[MAX_INJ];
+    inj_table_t inj;
 } state_t;
 
 static const long long MEMORY_CLOCK_MHZ = 2619;
@@ -318,110 +280,10 @@ static void default_state(state_t *s)
 
 /* ---- process-wide bookkeeping ---- */
 
-static pthread_mutex_t g_mu = PTHREAD_MUTEX_INITIALIZER;
 static struct fake_device g_devices[MAX_GPUS];
 static int g_init_count;
 
-static state_t g_mem;       /* used when FAKENVML_STATE is unset */
-static int g_mem_ready;
-static state_t g_file;      /* parsed copy of the state file */
-static char g_file_path[PATH_MAX];
-static int g_file_valid;    /* g_file matches g_file_id */
-static struct {
-    int exists;
-    dev_t dev;
-    ino_t ino;
-    off_t size;
-    long long mtime_ns;
-} g_file_id;
-static int g_lock_fd = -1;
-static char g_lock_path[PATH_MAX + 8];
-
-static int g_flocked;   /* the sidecar lock is held by the current call */
-static int g_dirty;     /* the current call mutated state */
-
-static long long now_ns(int clock)
-{
-    struct timespec ts;
-    clock_gettime(clock, &ts);
-    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
-}
-
-/* ---- call log ---- */
-
-static void log_call(const char *fn, int gpu, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-
-static void log_call(const char *fn, int gpu, const char *fmt, ...)
-{
-    const char *path = getenv("FAKENVML_LOG");
-    if (path == NULL || path[0] == '\0')
-        return;
-    char buf[1024];
-    size_t cap = sizeof(buf) - 1; /* room for the newline */
-    int n = snprintf(buf, cap, "%s %d", fn, gpu);
-    if (n < 0)
-        return;
-    size_t len = (size_t)n < cap ? (size_t)n : cap - 1;
-    if (fmt != NULL && fmt[0] != '\0' && len + 1 < cap) {
-        buf[len++] = ' ';
-        va_list ap;
-        va_start(ap, fmt);
-        int m = vsnprintf(buf + len, cap - len, fmt, ap);
-        va_end(ap);
-        if (m > 0)
-            len += (size_t)m < cap - len ? (size_t)m : cap - len - 1;
-    }
-    buf[len++] = '\n';
-    int fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0666);
-    if (fd < 0)
-        return;
-    if (write(fd, buf, len) < 0) {
-        /* nothing sensible to do: logging must never break a call */
-    }
-    close(fd);
-}
-
-/* ---- state file parsing / writing ---- */
-
-static void copy_str(char *dst, size_t cap, const char *src)
-{
-    snprintf(dst, cap, "%s", src);
-}
-
-static inj_t *find_inj(state_t *s, int kind, int gpu, const char *name)
-{
-    for (int i = 0; i < s->ninj; i++) {
-        inj_t *e = &s->inj[i];
-        if (e->kind == kind && e->gpu == gpu && strcmp(e->name, name) == 0)
-            return e;
-    }
-    return NULL;
-}
-
-static void add_inj(state_t *s, int kind, int gpu, const char *name, long long value)
-{
-    inj_t *e = find_inj(s, kind, gpu, name);
-    if (e == NULL) {
-        if (s->ninj >= MAX_INJ)
-            return;
-        e = &s->inj[s->ninj++];
-        e->kind = kind;
-        e->gpu = gpu;
-        copy_str(e->name, sizeof(e->name), name);
-    }
-    e->value = value;
-}
-
-static int parse_ll(const char *v, long long *out)
-{
-    char *end;
-    errno = 0;
-    long long x = strtoll(v, &end, 0);
-    if (errno != 0 || end == v)
-        return -1;
-    *out = x;
-    return 0;
-}
+/* ---- state file keys ---- */
 
 static void lock_clocks(clock_lock_t *lock, long long lo, long long hi)
 {
@@ -479,49 +341,22 @@ static void parse_gpu_key(state_t *s, int i, const char *key, const char *v)
         parse_clocks(v, &g->mem_lock);
         return;
     }
-    if (strncmp(key, "error.", 6) == 0 && parse_ll(v, &x) == 0) {
-        add_inj(s, INJ_ERROR, i, key + 6, x);
+    if (parse_injection(&s->inj, i, key, v))
         return;
-    }
-    if (strncmp(key, "delay.", 6) == 0 && parse_ll(v, &x) == 0) {
-        add_inj(s, INJ_DELAY, i, key + 6, x);
-        return;
-    }
-    if (strncmp(key, "field_return.", 13) == 0 && parse_ll(v, &x) == 0) {
-        add_inj(s, INJ_FIELD, i, key + 13, x);
-        return;
-    }
     if (parse_ll(v, &x) != 0)
         return;
-#define SET_INT(f)                                                                                 \
-    if (strcmp(key, #f) == 0) {                                                                    \
-        g->f = x;                                                                                  \
-        return;                                                                                    \
-    }
+#define SET_INT(f) FAKE_SET_IF(g, key, x, f)
     GPU_INT_FIELDS(SET_INT)
 #undef SET_INT
 }
 
-static void parse_line(state_t *s, char *line)
+static void parse_line(state_t *s, const char *key, const char *v)
 {
-    size_t n = strlen(line);
-    while (n > 0 && (line[n - 1] == '\n' || line[n - 1] == '\r'))
-        line[--n] = '\0';
-    if (line[0] == '\0' || line[0] == '#')
-        return;
-    char *sp = strchr(line, ' ');
-    if (sp == NULL)
-        return;
-    *sp = '\0';
-    const char *key = line;
-    const char *v = sp + 1;
     long long x;
-    if (strncmp(key, "gpu.", 4) == 0) {
-        char *end;
-        long idx = strtol(key + 4, &end, 10);
-        if (end == key + 4 || *end != '.' || idx < 0 || idx >= MAX_GPUS)
-            return;
-        parse_gpu_key(s, (int)idx, end + 1, v);
+    const char *rest;
+    int gi = parse_gpu_prefix(key, &rest);
+    if (gi >= 0) {
+        parse_gpu_key(s, gi, rest, v);
         return;
     }
     if (strcmp(key, "driver_version") == 0) {
@@ -538,33 +373,12 @@ static void parse_line(state_t *s, char *line)
         s->count = x < 0 ? 0 : (x > MAX_GPUS ? MAX_GPUS : x);
     else if (strcmp(key, "init_error") == 0)
         s->init_error = x;
-    else if (strcmp(key, "generation") == 0)
-        s->generation = x;
     else if (strcmp(key, "cuda_driver_version") == 0)
         s->cuda_driver_version = x;
-    else if (strncmp(key, "error.", 6) == 0)
-        add_inj(s, INJ_ERROR, -1, key + 6, x);
-    else if (strncmp(key, "delay.", 6) == 0)
-        add_inj(s, INJ_DELAY, -1, key + 6, x);
 }
 
-static void parse_state(state_t *s, char *text)
+static void render_state(const state_t *s, FILE *f)
 {
-    default_state(s);
-    char *save = NULL;
-    for (char *line = strtok_r(text, "\n", &save); line != NULL; line = strtok_r(NULL, "\n", &save))
-        parse_line(s, line);
-}
-
-static char *write_state_text(const state_t *s, size_t *len_out)
-{
-    char *buf = NULL;
-    size_t len = 0;
-    FILE *f = open_memstream(&buf, &len);
-    if (f == NULL)
-        return NULL;
-    fprintf(f, "# fakenvml state (written by libnvidia-ml fake)\n");
-    fprintf(f, "generation %lld\n", s->generation);
     fprintf(f, "count %lld\n", s->count);
     fprintf(f, "init_error %lld\n", s->init_error);
     fprintf(f, "driver_version %s\n", s->driver_version);
@@ -581,220 +395,11 @@ static char *write_state_text(const state_t *s, size_t *len_out)
         render_clocks(f, i, "gpu_locked_clocks", &g->gpu_lock);
         render_clocks(f, i, "mem_locked_clocks", &g->mem_lock);
     }
-    static const char *const kind_names[] = {"error", "delay", "field_return"};
-    for (int i = 0; i < s->ninj; i++) {
-        const inj_t *e = &s->inj[i];
-        if (e->gpu < 0)
-            fprintf(f, "%s.%s %lld\n", kind_names[e->kind], e->name, e->value);
-        else
-            fprintf(f, "gpu.%d.%s.%s %lld\n", e->gpu, kind_names[e->kind], e->name, e->value);
-    }
-    if (fclose(f) != 0) {
-        free(buf);
-        return NULL;
-    }
-    *len_out = len;
-    return buf;
 }
 
-/* Current state: the file's (reloaded if it changed) or the in-memory one. */
-static state_t *load_state(const char *path)
-{
-    if (path == NULL || path[0] == '\0') {
-        if (!g_mem_ready) {
-            default_state(&g_mem);
-            g_mem_ready = 1;
-        }
-        return &g_mem;
-    }
-    if (strcmp(path, g_file_path) != 0) {
-        copy_str(g_file_path, sizeof(g_file_path), path);
-        g_file_valid = 0;
-    }
-    struct stat st;
-    int exists = stat(path, &st) == 0;
-    if (g_file_valid && exists == g_file_id.exists &&
-        (!exists || (st.st_dev == g_file_id.dev && st.st_ino == g_file_id.ino &&
-                     st.st_size == g_file_id.size &&
-                     (long long)st.st_mtim.tv_sec * 1000000000LL + st.st_mtim.tv_nsec ==
-                         g_file_id.mtime_ns)))
-        return &g_file;
-    if (!exists) {
-        default_state(&g_file);
-    } else {
-        int fd = open(path, O_RDONLY | O_CLOEXEC);
-        if (fd < 0) {
-            default_state(&g_file);
-        } else {
-            struct stat fst;
-            if (fstat(fd, &fst) == 0)
-                st = fst; /* identity of exactly what we read */
-            size_t cap = (size_t)st.st_size + 1, len = 0;
-            char *text = malloc(cap);
-            if (text != NULL) {
-                ssize_t r;
-                while (len + 1 < cap && (r = read(fd, text + len, cap - 1 - len)) > 0)
-                    len += (size_t)r;
-                text[len] = '\0';
-                parse_state(&g_file, text);
-                free(text);
-            } else {
-                default_state(&g_file);
-            }
-            close(fd);
-        }
-    }
-    g_file_id.exists = exists;
-    if (exists) {
-        g_file_id.dev = st.st_dev;
-        g_file_id.ino = st.st_ino;
-        g_file_id.size = st.st_size;
-        g_file_id.mtime_ns = (long long)st.st_mtim.tv_sec * 1000000000LL + st.st_mtim.tv_nsec;
-    }
-    g_file_valid = 1;
-    return &g_file;
-}
-
-/* Write the file-backed state atomically; called with the exclusive flock held. */
-static void save_state(const char *path, state_t *s)
-{
-    s->generation++;
-    size_t len = 0;
-    char *text = write_state_text(s, &len);
-    if (text == NULL)
-        return;
-    char tmp[PATH_MAX + 64];
-    snprintf(tmp, sizeof(tmp), "%s.tmp.%ld.%lx", path, (long)getpid(), (unsigned long)pthread_self());
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
-    if (fd < 0) {
-        free(text);
-        return;
-    }
-    size_t off = 0;
-    while (off < len) {
-        ssize_t w = write(fd, text + off, len - off);
-        if (w <= 0)
-            break;
-        off += (size_t)w;
-    }
-    free(text);
-    /* Strictly increasing mtime so a reader never mistakes a new file for a
-     * cached one (inode numbers get reused, coarse clocks repeat). */
-    long long mt = now_ns(CLOCK_REALTIME);
-    if (g_file_id.exists && mt <= g_file_id.mtime_ns + 1000)
-        mt = g_file_id.mtime_ns + 1000;
-    struct timespec times[2];
-    times[0].tv_sec = mt / 1000000000LL;
-    times[0].tv_nsec = mt % 1000000000LL;
-    times[1] = times[0];
-    futimens(fd, times);
-    struct stat st;
-    int have = fstat(fd, &st) == 0;
-    close(fd);
-    if (off != len || rename(tmp, path) != 0) {
-        unlink(tmp);
-        g_file_valid = 0;
-        return;
-    }
-    if (have) {
-        g_file_id.exists = 1;
-        g_file_id.dev = st.st_dev;
-        g_file_id.ino = st.st_ino;
-        g_file_id.size = st.st_size;
-        g_file_id.mtime_ns = (long long)st.st_mtim.tv_sec * 1000000000LL + st.st_mtim.tv_nsec;
-        g_file_valid = 1;
-    } else {
-        g_file_valid = 0;
-    }
-}
+#include "fakelib_state.h"
 
 /* ---- per-call protocol ---- */
-
-static const char *state_path(void)
-{
-    const char *p = getenv("FAKENVML_STATE");
-    return (p != NULL && p[0] != '\0') ? p : NULL;
-}
-
-static void take_flock(const char *path, int exclusive)
-{
-    if (path == NULL)
-        return;
-    char want[PATH_MAX + 8];
-    snprintf(want, sizeof(want), "%s.lock", path);
-    if (g_lock_fd < 0 || strcmp(want, g_lock_path) != 0) {
-        if (g_lock_fd >= 0)
-            close(g_lock_fd);
-        copy_str(g_lock_path, sizeof(g_lock_path), want);
-        g_lock_fd = open(want, O_RDWR | O_CREAT | O_CLOEXEC, 0666);
-        if (g_lock_fd < 0) /* e.g. a read-only directory: a shared lock still works */
-            g_lock_fd = open(want, O_RDONLY | O_CLOEXEC);
-    }
-    if (g_lock_fd < 0)
-        return;
-    while (flock(g_lock_fd, exclusive ? LOCK_EX : LOCK_SH) != 0 && errno == EINTR) {
-    }
-    g_flocked = 1;
-}
-
-static void drop_flock(void)
-{
-    if (g_flocked && g_lock_fd >= 0)
-        flock(g_lock_fd, LOCK_UN);
-    g_flocked = 0;
-}
-
-static long long lookup_inj(state_t *s, int kind, int gpu, const char *name, long long dflt)
-{
-    inj_t *e = NULL;
-    if (gpu >= 0)
-        e = find_inj(s, kind, gpu, name);
-    if (e == NULL)
-        e = find_inj(s, kind, -1, name);
-    return e != NULL ? e->value : dflt;
-}
-
-/*
- * Start a call: lock, load state, honour an injected delay (sleeping with no
- * lock held, and waking early if the delay is cleared), then leave the mutex
- * and the sidecar flock held for the operation.  Returns the state.
- */
-static state_t *enter(const char *fn, int gpu, int exclusive)
-{
-    long long start = now_ns(CLOCK_MONOTONIC);
-    for (;;) {
-        pthread_mutex_lock(&g_mu);
-        g_dirty = 0;
-        const char *path = state_path();
-        take_flock(path, exclusive);
-        state_t *s = load_state(path);
-        long long delay_ms = lookup_inj(s, INJ_DELAY, gpu, fn, 0);
-        if (delay_ms == 0)
-            return s;
-        long long remaining = delay_ms < 0 ? 20000000LL
-                                           : start + delay_ms * 1000000LL - now_ns(CLOCK_MONOTONIC);
-        if (remaining <= 0)
-            return s;
-        drop_flock();
-        pthread_mutex_unlock(&g_mu);
-        if (remaining > 20000000LL)
-            remaining = 20000000LL; /* re-check every 20 ms */
-        struct timespec ts = {(time_t)(remaining / 1000000000LL), (long)(remaining % 1000000000LL)};
-        while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
-        }
-    }
-}
-
-static nvmlReturn_t leave(state_t *s, nvmlReturn_t rc)
-{
-    const char *path = state_path();
-    if (g_dirty && path != NULL && s == &g_file)
-        save_state(path, s);
-    g_dirty = 0;
-    drop_flock();
-    pthread_mutex_unlock(&g_mu);
-    return rc;
-}
 
 static int device_index(nvmlDevice_t dev)
 {
@@ -813,14 +418,14 @@ static nvmlReturn_t device_checks(state_t *s, const char *fn, int gpu)
         return NVML_ERROR_INVALID_ARGUMENT;
     if (s->gpus[gpu].lost)
         return NVML_ERROR_GPU_IS_LOST;
-    return (nvmlReturn_t)lookup_inj(s, INJ_ERROR, gpu, fn, NVML_SUCCESS);
+    return (nvmlReturn_t)lookup_inj(&s->inj, INJ_ERROR, gpu, fn, NVML_SUCCESS);
 }
 
 static nvmlReturn_t system_checks(state_t *s, const char *fn)
 {
     if (g_init_count <= 0)
         return NVML_ERROR_UNINITIALIZED;
-    return (nvmlReturn_t)lookup_inj(s, INJ_ERROR, -1, fn, NVML_SUCCESS);
+    return (nvmlReturn_t)lookup_inj(&s->inj, INJ_ERROR, -1, fn, NVML_SUCCESS);
 }
 
 /* Boilerplate for a device call: log, enter, checks; `g` is the gpu_t. */
@@ -866,7 +471,7 @@ static nvmlReturn_t do_init(const char *fn)
     state_t *s = enter(fn, -1, 0);
     nvmlReturn_t rc = (nvmlReturn_t)s->init_error;
     if (rc == NVML_SUCCESS)
-        rc = (nvmlReturn_t)lookup_inj(s, INJ_ERROR, -1, fn, NVML_SUCCESS);
+        rc = (nvmlReturn_t)lookup_inj(&s->inj, INJ_ERROR, -1, fn, NVML_SUCCESS);
     if (rc == NVML_SUCCESS)
         g_init_count++;
     return leave(s, rc);
@@ -894,7 +499,7 @@ EXPORT nvmlReturn_t nvmlShutdown(void)
 {
     log_call(__func__, -1, NULL);
     state_t *s = enter(__func__, -1, 0);
-    nvmlReturn_t rc = (nvmlReturn_t)lookup_inj(s, INJ_ERROR, -1, __func__, NVML_SUCCESS);
+    nvmlReturn_t rc = (nvmlReturn_t)lookup_inj(&s->inj, INJ_ERROR, -1, __func__, NVML_SUCCESS);
     if (rc == NVML_SUCCESS) {
         if (g_init_count <= 0)
             rc = NVML_ERROR_UNINITIALIZED;
@@ -1226,7 +831,7 @@ EXPORT nvmlReturn_t nvmlDeviceGetFieldValues(nvmlDevice_t device, int valuesCoun
         v->value.ullVal = 0;
         char id[16];
         snprintf(id, sizeof(id), "%u", v->fieldId);
-        long long forced = lookup_inj(s, INJ_FIELD, gi, id, 0);
+        long long forced = lookup_inj(&s->inj, INJ_FIELD, gi, id, 0);
         if (forced != 0) {
             v->valueType = NVML_VALUE_TYPE_UNSIGNED_INT;
             v->nvmlReturn = (int)forced;
