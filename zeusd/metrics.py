@@ -131,7 +131,8 @@ def read_gpu_state(gpu: GPU) -> dict[str, Any]:
         try:
             state[operation] = read(gpu)
         except DeviceError as error:
-            state[operation] = error
+            if error.status != 400:  # 400: the GPU does not have it (AMD persistence mode), not a failure
+                state[operation] = error
     return state
 
 
@@ -325,9 +326,13 @@ class Scraper:
             "zeusd_gpu_pending_commands", "Control commands and queued reads not finished yet.", labels=GPU_LABELS
         )
         f_up = GaugeMetricFamily("zeusd_gpu_up", "1 if every read of the GPU in this scrape succeeded, else 0.", labels=GPU_LABELS)
+        f_info = GaugeMetricFamily(
+            "zeusd_gpu_info", "Always 1; which backend (nvml, amdsmi, simulated) serves the GPU.", labels=(*GPU_LABELS, "backend")
+        )
 
         for i, gpu in enumerate(self._gpus.gpus):
             labels = [str(gpu.index), gpu.name, gpu.pci_address]
+            f_info.add_metric([*labels, gpu.backend], 1)
             up = True
             f_pending.add_metric(labels, self._gpus.pending(i))
             reading = power.get(i)
@@ -363,7 +368,7 @@ class Scraper:
                     f_lock_min.add_metric([*labels, domain], locked[0] * 1e6)
                     f_lock_max.add_metric([*labels, domain], locked[1] * 1e6)
             f_up.add_metric(labels, 1 if up else 0)
-        return [f_power, f_energy, f_limit, f_min, f_max, f_persist, f_locked, f_lock_min, f_lock_max, f_pending, f_up]
+        return [f_info, f_power, f_energy, f_limit, f_min, f_max, f_persist, f_locked, f_lock_min, f_lock_max, f_pending, f_up]
 
     def _cpu_families(self, energy: Results[tuple[int | None, int | None]]) -> list[Metric]:
         if self._cpus is None:

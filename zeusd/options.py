@@ -23,6 +23,7 @@ from typing import Any, Callable, ClassVar, Sequence
 from twisted.python import usage
 
 from zeusd.constants import DEFAULT_SOCKET_PATH
+from zeusd.devices.gpu.backends import GPU_BACKENDS
 from zeusd.groups import DEFAULT_GROUPS, ApiGroup
 from zeusd.listeners import ListenerSpec, ListenSyntaxError, inherited_listeners, parse_listen, parse_mode
 
@@ -51,7 +52,10 @@ class ServeConfig:
     signing_key_path: str | None = None
     #: ``--rapl-root``; None: the first of DEFAULT_RAPL_ROOTS that exists.
     rapl_root: str | None = None
+    #: ``--gpu-backend``: auto, nvml or amdsmi.
+    gpu_backend: str = "auto"
     simulate: bool = False
+    simulate_vendor: str = "nvidia"
     simulate_gpus: int = 4
     simulate_cpus: int = 2
     stream_format: str = "v0.4"
@@ -77,8 +81,9 @@ class ServeConfig:
         lines += [
             f"API groups: {', '.join(g.value for g in self.enabled_groups)}{' (given)' if self.groups_explicit else ''}",
             f"authentication: {'bearer tokens, key ' + self.signing_key_path if self.signing_key_path else 'off'}",
-            f"devices: {'simulated node' if self.simulate else 'NVML and RAPL'}"
-            + (f" ({self.simulate_gpus} GPUs, {self.simulate_cpus} CPU packages)" if self.simulate else ""),
+            f"devices: simulated node ({self.simulate_gpus} {self.simulate_vendor.upper()} GPUs, {self.simulate_cpus} CPU packages)"
+            if self.simulate
+            else f"devices: GPU backend {self.gpu_backend}, RAPL",
             f"power polling: GPU {self.gpu_power_poll_hz} Hz, CPU {self.cpu_power_poll_hz} Hz",
             f"stream format: {self.stream_format}; keepalive {self.sse_keepalive_s:g} s, "
             f"stalled readers dropped after {self.sse_stall_timeout_s:g} s",
@@ -270,7 +275,9 @@ SERVE_FLAGS: tuple[Flag, ...] = (
     ),
     Flag("signing-key-path", "HS256 key file; enables bearer-token auth."),
     Flag("rapl-root", "Directory holding the intel-rapl zones (default: /zeus_sys/class/powercap if present, else /sys/class/powercap)."),
+    Flag("gpu-backend", "GPU library: auto (whichever finds GPUs), nvml (NVIDIA) or amdsmi (AMD).", "auto"),
     Flag("simulate", "Serve a simulated node (no hardware, no root needed).", takes_value=False),
+    Flag("simulate-vendor", "GPUs of the simulated node behave like: nvidia or amd.", "nvidia"),
     Flag("simulate-gpus", "GPUs of the simulated node (with --simulate).", "4"),
     Flag("simulate-cpus", "CPU packages of the simulated node (with --simulate).", "2"),
     Flag(
@@ -322,7 +329,9 @@ class ServeOptions(VersionOption, FlagOptions):
             groups_explicit=bool(enable),
             signing_key_path=value("signing-key-path"),
             rapl_root=value("rapl-root"),
+            gpu_backend=_choice("gpu-backend", str(value("gpu-backend")), GPU_BACKENDS),
             simulate=bool(self.given.get("simulate")),
+            simulate_vendor=_choice("simulate-vendor", str(value("simulate-vendor")), ("nvidia", "amd")),
             simulate_gpus=_parse_count("simulate-gpus", str(value("simulate-gpus")), 0, MAX_SIMULATED_DEVICES),
             simulate_cpus=_parse_count("simulate-cpus", str(value("simulate-cpus")), 0, MAX_SIMULATED_DEVICES),
             stream_format=_choice("stream-format", str(value("stream-format")), STREAM_FORMATS),

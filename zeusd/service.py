@@ -68,10 +68,10 @@ def open_gpu_backend(config: ServeConfig) -> GPUBackend:
     if config.simulate:
         from zeusd.devices.gpu.simulated import SimulatedGPUBackend
 
-        return SimulatedGPUBackend(config.simulate_gpus)
-    from zeusd.devices.gpu.nvml import open_nvml_backend
+        return SimulatedGPUBackend(config.simulate_gpus, config.simulate_vendor)
+    from zeusd.devices.gpu.backends import open_gpu_backend as open_backend
 
-    return open_nvml_backend()
+    return open_backend(config.gpu_backend)
 
 
 def discover_cpu_packages(config: ServeConfig) -> list[CpuPackage]:
@@ -112,6 +112,7 @@ def discovery_info(config: ServeConfig, gpus: GpuManager | None, cpus: CpuManage
             {
                 "id": g.index,
                 "name": g.name,
+                "backend": g.backend,
                 "pci_address": g.pci_address,
                 "cumulative_energy_available": g.energy_counter_available,
             }

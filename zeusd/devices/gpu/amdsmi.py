@@ -212,6 +212,10 @@ class AmdSmiGPU:
         return self._name
 
     @property
+    def backend(self) -> str:
+        return "amdsmi"
+
+    @property
     def pci_address(self) -> str:
         """``dddd:bb:dd.f`` in lower-case hex as AMD SMI reports it; empty if it could not tell."""
         return self._pci_address

@@ -7,7 +7,9 @@ called from worker threads, never from the reactor thread. Failures raise
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
+
+from zeusd.devices.base import DeviceError
 
 
 class GPU(Protocol):
@@ -18,6 +20,11 @@ class GPU(Protocol):
 
     @property
     def name(self) -> str: ...
+
+    @property
+    def backend(self) -> str:
+        """Which backend serves the GPU: ``nvml``, ``amdsmi`` or ``simulated`` (for /discover, /metrics)."""
+        ...
 
     @property
     def pci_address(self) -> str:
@@ -61,6 +68,10 @@ class GPU(Protocol):
 
     def reset_mem_locked_clocks(self) -> None: ...
 
+    def reset_locked_clocks(self) -> None:
+        """Give both clock domains back to the driver."""
+        ...
+
 
 class GPUBackend(Protocol):
     """What a GPU backend hands to the service at startup."""
@@ -76,3 +87,15 @@ class GPUBackend(Protocol):
     def close(self) -> None:
         """Release the library (called once at shutdown)."""
         ...
+
+
+def reset_each_domain(resets: Sequence[Callable[[], None]]) -> None:
+    """Reset clock domains one after the other: all are attempted, the first error is reported."""
+    errors: list[DeviceError] = []
+    for reset in resets:
+        try:
+            reset()
+        except DeviceError as e:
+            errors.append(e)
+    if errors:
+        raise errors[0]

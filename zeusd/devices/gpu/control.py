@@ -78,18 +78,6 @@ def _check_clock_range(gpu: GPU, args: ClockRange) -> None:
         )
 
 
-def _reset_all_locked_clocks(gpu: GPU, _: NoArguments) -> None:
-    """Both resets are attempted; the first error is the one reported."""
-    errors = []
-    for reset in (gpu.reset_gpu_locked_clocks, gpu.reset_mem_locked_clocks):
-        try:
-            reset()
-        except DeviceError as e:
-            errors.append(e)
-    if errors:
-        raise errors[0]
-
-
 SET_PERSISTENCE_MODE = ControlOperation(
     "set_persistence_mode",
     Persistence,
@@ -132,7 +120,7 @@ RESET_MEM_LOCKED_CLOCKS = ControlOperation(
 RESET_LOCKED_CLOCKS = ControlOperation(
     "reset_locked_clocks",
     NoArguments,
-    _reset_all_locked_clocks,
+    lambda gpu, a: gpu.reset_locked_clocks(),
     lambda a: "GPU and memory locked clocks reset",
 )
 

@@ -14,6 +14,7 @@ from typing import Any, Callable, Final, Sequence
 from twisted.logger import Logger
 
 from zeusd.devices.base import DeviceError
+from zeusd.devices.gpu.base import reset_each_domain
 from zeusd.errors import StartupError
 
 with warnings.catch_warnings():
@@ -142,6 +143,10 @@ class NvmlGPU:
         return self._name
 
     @property
+    def backend(self) -> str:
+        return "nvml"
+
+    @property
     def pci_address(self) -> str:
         """``dddd:bb:dd.0`` in lower-case hex; empty if NVML could not tell."""
         return self._pci_address
@@ -219,6 +224,9 @@ class NvmlGPU:
 
     def reset_mem_locked_clocks(self) -> None:
         _nvml(pynvml.nvmlDeviceResetMemoryLockedClocks, self._handle)
+
+    def reset_locked_clocks(self) -> None:
+        reset_each_domain((self.reset_gpu_locked_clocks, self.reset_mem_locked_clocks))
 
 
 def _nvml(function: Callable[..., Any], *args: Any) -> Any:
@@ -299,14 +307,20 @@ class NvmlBackend:
     def __init__(self, gpus: Sequence[NvmlGPU], initialized: bool) -> None:
         self._gpus: tuple[NvmlGPU, ...] = tuple(gpus)
         self._initialized = initialized
+        self._loaded = initialized
 
     @property
     def gpus(self) -> Sequence[NvmlGPU]:
         return self._gpus
 
     @property
+    def library_loaded(self) -> bool:
+        """False when libnvidia-ml.so.1 could not be loaded (no NVIDIA driver here)."""
+        return self._loaded
+
+    @property
     def absence(self) -> str:
-        if not self._initialized:
+        if not self._loaded:
             return "the NVML library (libnvidia-ml.so.1) could not be loaded; is the NVIDIA driver installed?"
         return "NVML reports no GPU"
 

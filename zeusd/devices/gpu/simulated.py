@@ -1,9 +1,12 @@
-"""A simulated H100-like GPU for demos and for running every endpoint without hardware.
+"""Simulated GPUs for demos and for running every endpoint without hardware.
 
-Power follows a slowly varying synthetic workload, is capped by the power
-limit and scales with the locked GPU clock; energy integrates that power. Its
-errors mirror the NVML ones (same texts, same statuses), so the web layer
-cannot tell it from a real GPU.
+An NVIDIA H100-like GPU by default, or an AMD MI300X-like one
+(``--simulate-vendor amd``). Power follows a slowly varying synthetic
+workload, is capped by the power limit and scales with the locked GPU clock;
+energy integrates that power. Its errors mirror the real backend's (same
+texts, same statuses), and so do the operations an AMD GPU does not have
+(persistence mode, resetting one clock domain), so the web and client layers
+meet each vendor's behaviour on a simulated node.
 """
 
 from __future__ import annotations
@@ -24,7 +27,31 @@ MAX_GPU_CLOCK_MHZ = 1980
 MAX_MEM_CLOCK_MHZ = 2619
 MIN_CLOCK_MHZ = 210
 
-_INVALID = DeviceError("NVML error: a supplied argument was invalid", 400)
+
+@dataclass(frozen=True)
+class Vendor:
+    """What differs between the simulated NVIDIA and AMD GPUs."""
+
+    name: str
+    pci_function: int
+    invalid_argument: str
+    #: The 400 answers for operations the vendor's GPUs do not have (None: supported).
+    no_persistence: str | None = None
+    no_single_domain_reset: str | None = None
+
+
+VENDORS = {
+    "nvidia": Vendor("Simulated NVIDIA H100 80GB HBM3", 0, "NVML error: a supplied argument was invalid"),
+    "amd": Vendor(
+        "Simulated AMD Instinct MI300X",
+        1,
+        "AMDSMI error 1: AMDSMI_STATUS_INVAL - Invalid parameters",
+        no_persistence="Invalid request: persistence mode is not supported on AMD GPUs",
+        no_single_domain_reset=(
+            "Invalid request: AMD GPUs cannot reset a single clock domain; use reset_locked_clocks to reset all domains"
+        ),
+    ),
+}
 
 
 @dataclass
@@ -36,8 +63,10 @@ class _Settings:
 
 
 class SimulatedGPU:
-    def __init__(self, index: int, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, index: int, clock: Callable[[], float] = time.monotonic, vendor: str = "nvidia") -> None:
         self._index = index
+        self._vendor = VENDORS[vendor]
+        self._invalid = DeviceError(self._vendor.invalid_argument, 400)
         self._clock = clock
         self._lock = threading.Lock()
         self._settings = _Settings()
@@ -51,11 +80,15 @@ class SimulatedGPU:
 
     @property
     def name(self) -> str:
-        return "Simulated NVIDIA H100 80GB HBM3"
+        return self._vendor.name
+
+    @property
+    def backend(self) -> str:
+        return "simulated"
 
     @property
     def pci_address(self) -> str:
-        return f"0000:{0x18 + 0x10 * self._index:02x}:00.0"
+        return f"0000:{0x18 + 0x10 * self._index:02x}:00.{self._vendor.pci_function}"
 
     @property
     def energy_counter_available(self) -> bool:
@@ -103,16 +136,23 @@ class SimulatedGPU:
         return MIN_LIMIT_MW, MAX_LIMIT_MW
 
     def get_persistence_mode(self) -> bool:
+        self._unless(self._vendor.no_persistence)
         with self._lock:
             return self._settings.persistence
 
     def set_persistence_mode(self, enabled: bool) -> None:
+        self._unless(self._vendor.no_persistence)
         with self._lock:
             self._settings.persistence = enabled
 
+    @staticmethod
+    def _unless(unsupported: str | None) -> None:
+        if unsupported is not None:
+            raise DeviceError(unsupported, 400)
+
     def set_power_limit_mw(self, power_limit_mw: int) -> None:
         if not MIN_LIMIT_MW <= power_limit_mw <= MAX_LIMIT_MW:
-            raise _INVALID
+            raise self._invalid
         with self._lock:
             self._advance()
             self._settings.power_limit_mw = power_limit_mw
@@ -121,31 +161,38 @@ class SimulatedGPU:
         self._set_clocks("gpu_clocks", min_clock_mhz, max_clock_mhz, MAX_GPU_CLOCK_MHZ)
 
     def reset_gpu_locked_clocks(self) -> None:
-        with self._lock:
-            self._advance()
-            self._settings.gpu_clocks = None
+        self._unless(self._vendor.no_single_domain_reset)
+        self._reset("gpu_clocks")
 
     def set_mem_locked_clocks(self, min_clock_mhz: int, max_clock_mhz: int) -> None:
         self._set_clocks("mem_clocks", min_clock_mhz, max_clock_mhz, MAX_MEM_CLOCK_MHZ)
 
     def reset_mem_locked_clocks(self) -> None:
+        self._unless(self._vendor.no_single_domain_reset)
+        self._reset("mem_clocks")
+
+    def reset_locked_clocks(self) -> None:
+        self._reset("gpu_clocks")
+        self._reset("mem_clocks")
+
+    def _reset(self, which: str) -> None:
         with self._lock:
             self._advance()
-            self._settings.mem_clocks = None
+            setattr(self._settings, which, None)
 
     def _set_clocks(self, which: str, low: int, high: int, ceiling: int) -> None:
         # Like the driver: an inverted range is invalid; requests above the
         # hardware's range are clamped to it.
         if low > high or high < MIN_CLOCK_MHZ:
-            raise _INVALID
+            raise self._invalid
         with self._lock:
             self._advance()
             setattr(self._settings, which, (max(low, MIN_CLOCK_MHZ), min(high, ceiling)))
 
 
 class SimulatedGPUBackend:
-    def __init__(self, count: int) -> None:
-        self._gpus = [SimulatedGPU(i) for i in range(count)]
+    def __init__(self, count: int, vendor: str = "nvidia") -> None:
+        self._gpus = [SimulatedGPU(i, vendor=vendor) for i in range(count)]
 
     @property
     def gpus(self) -> Sequence[SimulatedGPU]:
