@@ -529,7 +529,7 @@ def test_required_scope_check_and_e13() -> None:
 
 def test_auth_knows_nothing_of_http() -> None:
     """Auth raises domain errors; only the web layer turns them into 401/403 (issue 19)."""
-    from zeusd.errors import ApiError
+    from zeusd.web.errors import ApiError
 
     assert not issubclass(AuthenticationError, ApiError) and not issubclass(ScopeError, ApiError)
     probe = subprocess.run(

@@ -16,7 +16,7 @@ from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from tests.manual import ManualExecutors, StreamRequest
+from tests.manual import ManualExecutors, RecordingSink
 from zeusd.devices.base import DeviceError
 from zeusd.devices.cpu.base import CpuPackage
 from zeusd.devices.cpu.manager import CpuManager, wrap_guard_interval
@@ -252,10 +252,10 @@ def test_healthy_devices_keep_their_full_rate_while_one_is_slow(slow_s: float | 
     assert TICK_DEADLINE_SHARE < 1
 
 
-def subscribe(hub: StreamHub, ids: list[int]) -> StreamRequest:
-    request = StreamRequest()
-    hub.subscribe(request, ids, None)
-    return request
+def subscribe(hub: StreamHub, ids: list[int]) -> RecordingSink:
+    sink = RecordingSink()
+    hub.subscribe(sink, ids, None)
+    return sink
 
 
 # The RAPL wraparound guard ---------------------------------------------------------------

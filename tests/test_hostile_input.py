@@ -7,6 +7,7 @@ shapes: wrong methods, bodies, oversized headers, slow headers.
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from typing import Iterator
@@ -118,7 +119,10 @@ def _raw_request(daemon: Daemon, method: bytes, target: bytes, extra: bytes = b"
     "method, target, extra, body, expected",
     [
         (b"PATCH", b"/gpu/get_power", b"", b"", 404),
-        (b"OPTIONS", b"*", b"", b"", 200),  # answered by Twisted itself, touches nothing
+        (b"OPTIONS", b"*", b"", b"", 200),  # the server-wide OPTIONS (RFC 9110 9.3.7): Twisted's empty 200
+        (b"GET", b"*", b"", b"", 405),  # only OPTIONS may ask about '*'
+        (b"GET", b"http://node.example:4938/time", b"", b"", 200),  # absolute form (RFC 9112 3.2.2)
+        (b"GET", b"HTTP://node.example/gpu/get_power?gpu_ids=1", b"", b"", 200),
         (b"GET", b"/gpu/get_power?" + b"gpu_ids=0&" * 1000, b"", b"", 400),
         (b"GET", b"/\xff\xfe", b"", b"", 400),
         (b"GET", b"/gpu/get_power%FF", b"", b"", 404),
@@ -175,3 +179,24 @@ def _recv_nowait(sock: socket.socket) -> bytes | None:
         return None
     finally:
         sock.setblocking(True)
+
+
+def test_bare_lf_line_endings_get_a_400_at_once(nvml_daemon: tuple[Daemon, FakeNvml]) -> None:
+    daemon, _ = nvml_daemon
+    with daemon.transport.raw_socket(5) as sock:  # well inside the 10 s header deadline
+        sock.sendall(b"GET /time HTTP/1.1\nHost: x\n\n")
+        data = sock.recv(4096)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and json.loads(body) == {"error": "Malformed HTTP request: lines must end with CRLF."}
+    assert daemon.client.get("/time").status == 200
+
+
+def test_the_header_deadline_starts_at_the_first_byte(nvml_daemon: tuple[Daemon, FakeNvml]) -> None:
+    """A client that never completes even its request line is cut off too."""
+    daemon, _ = nvml_daemon
+    with daemon.transport.raw_socket(30) as sock:
+        sock.sendall(b"GET /ti")
+        started = time.monotonic()
+        data = sock.recv(1024)
+        elapsed = time.monotonic() - started
+    assert data.startswith(b"HTTP/1.1 408") and 9 <= elapsed <= 13

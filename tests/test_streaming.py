@@ -144,3 +144,11 @@ def test_abrupt_disconnect_stops_the_poller(start_daemon: DaemonFactory, path: s
         assert time.monotonic() < deadline, daemon.log()
         time.sleep(0.05)
     assert daemon.log().count(f"{kind} power poller started") == 3
+
+
+def test_a_stream_of_no_devices_sends_its_headers_at_once(sim_daemon: Daemon) -> None:
+    """The client knows it is subscribed before anything is published (the first keepalive is 15 s away)."""
+    started = time.monotonic()
+    with sim_daemon.client.stream("/gpu/stream_power?gpu_ids=", timeout=5) as stream:
+        assert stream.status == 200 and stream.headers["content-type"] == "text/event-stream"
+        assert time.monotonic() - started < 2

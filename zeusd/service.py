@@ -25,11 +25,11 @@ from __future__ import annotations
 import gc
 from typing import Any, Sequence
 
+from klein import Klein
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
-from twisted.web.resource import IResource
 
 from zeusd import __version__
 from zeusd.devices.cpu.base import CpuPackage
@@ -49,11 +49,11 @@ from zeusd.sse import CPU_ENCODERS, GPU_ENCODERS
 from zeusd.startup import fail_startup, preflight, print_error, raise_fd_limit
 from zeusd.streaming import StreamHub
 from zeusd.systemd import Notifier
-from zeusd.web.app import ZeusdRoot, ZeusdSite, route_paths, server_resource
-from zeusd.web.cpu_read import cpu_read_resource
-from zeusd.web.gpu_control import gpu_control_resource
-from zeusd.web.gpu_read import gpu_read_resource
-from zeusd.web.metrics import metrics_resource
+from zeusd.web.app import ZeusdRoot, ZeusdSite, route_paths, server_app
+from zeusd.web.cpu_read import cpu_read_app
+from zeusd.web.gpu_control import gpu_control_app
+from zeusd.web.gpu_read import gpu_read_app
+from zeusd.web.metrics import metrics_app
 
 log = Logger()
 
@@ -319,7 +319,7 @@ def make_service(
 
         reactor = default_reactor
     executors = executors or thread_executors(reactor)
-    groups: dict[ApiGroup, IResource] = {}
+    groups: dict[ApiGroup, Klein] = {}
     children: list[Service] = []
     gpus: GpuManager | None = None
     cpus: CpuManager | None = None
@@ -341,14 +341,14 @@ def make_service(
         if clocks is not None:
             gpus.observers.append(clocks)
         if config.enabled(ApiGroup.GPU_CONTROL):
-            groups[ApiGroup.GPU_CONTROL] = gpu_control_resource(gpus)
+            groups[ApiGroup.GPU_CONTROL] = gpu_control_app(gpus)
         if config.enabled(ApiGroup.GPU_READ):
             gpu_hub = StreamHub(
                 reactor, "GPU", GpuPowerSampler(reactor, gpus), config.gpu_power_poll_hz, GPU_ENCODERS,
                 config.stream_format, config.sse_keepalive_s, config.sse_stall_timeout_s,
             )
             hubs.append(gpu_hub)
-            groups[ApiGroup.GPU_READ] = gpu_read_resource(gpus, gpu_hub)
+            groups[ApiGroup.GPU_READ] = gpu_read_app(gpus, gpu_hub)
 
     if config.enabled(ApiGroup.CPU_READ):
         cpus = CpuManager(reactor, executors)
@@ -358,22 +358,23 @@ def make_service(
             config.stream_format, config.sse_keepalive_s, config.sse_stall_timeout_s,
         )
         hubs.append(cpu_hub)
-        groups[ApiGroup.CPU_READ] = cpu_read_resource(reactor, cpus, cpu_hub, 1.0 / config.cpu_power_poll_hz)
+        groups[ApiGroup.CPU_READ] = cpu_read_app(reactor, cpus, cpu_hub, 1.0 / config.cpu_power_poll_hz)
 
     children.append(StreamService(reactor, hubs))
-    server = server_resource(lambda: discovery_info(config, gpus, cpus), auth)
+    server = server_app(lambda: discovery_info(config, gpus, cpus), auth)
     if metrics is not None:
         if gpus is not None:
             gpus.on_read_error = lambda gpu, what: metrics.device_read_failed("gpu", gpu, what)
         if cpus is not None:
             cpus.on_read_error = lambda cpu, what: metrics.device_read_failed("cpu", cpu, what)
-        groups[ApiGroup.METRICS] = metrics_resource(Scraper(reactor, metrics, __version__, gpus, cpus, hubs, clocks))
+        groups[ApiGroup.METRICS] = metrics_app(Scraper(reactor, metrics, __version__, gpus, cpus, hubs, clocks))
         routes = route_paths([server, *groups.values()])
         metrics.known_routes = frozenset(routes)
         metrics.streaming_routes = frozenset(r for r in routes if r.endswith("/stream_power"))
         children.append(MetricsService(metrics))
 
-    site = ZeusdSite(ZeusdRoot(server, groups, auth, metrics), timeout=IDLE_TIMEOUT_S)
+    root = ZeusdRoot(server.resource(), {group: app.resource() for group, app in groups.items()}, auth, metrics)
+    site = ZeusdSite(root, timeout=IDLE_TIMEOUT_S)
     site.noisy = False
     site.displayTracebacks = False
     for spec in config.listeners:

@@ -76,8 +76,3 @@ def cpu_per_device(sample: Sample, ids: Sequence[int]) -> bytes:
 GPU_ENCODERS: Mapping[str, Encoder] = {"v0.4": gpu_snapshot, "v0.5": gpu_per_device}
 CPU_ENCODERS: Mapping[str, Encoder] = {"v0.4": cpu_snapshot, "v0.5": cpu_per_device}
 FORMATS: tuple[str, ...] = ("v0.4", "v0.5")
-
-
-def chunked(payload: bytes) -> bytes:
-    """One HTTP/1.1 chunk, framed once and written to every subscriber as is."""
-    return b"%x\r\n%b\r\n" % (len(payload), payload)

@@ -1,4 +1,4 @@
-"""Demand-driven power polling and SSE fan-out.
+"""Demand-driven power polling and fan-out of encoded samples to subscribers.
 
 One :class:`StreamHub` per device kind owns one ``LoopingCall``. It starts
 when the first subscriber arrives and stops when the last one leaves, so an
@@ -6,144 +6,112 @@ idle daemon reads no device and wakes no timer. Each tick reads the union of
 the devices subscribers asked for, once, off the reactor thread, and
 publishes within its period whatever answered in time: a slow or hung device
 is left out of the ticks it misses and never holds up the others (see
-:mod:`zeusd.devices.sampling`). Subscribers with the same filter and format share one
-channel: a sample is encoded (and chunk-framed) once per channel and the same
-bytes are written to every subscriber in it.
+:mod:`zeusd.devices.sampling`). Subscribers with the same filter and format
+share one channel: a sample is encoded once per channel, into one
+:class:`Frame` that every subscriber of the channel is given.
 
-Slow readers: each subscriber is a streaming producer registered with its
-HTTP connection. While the connection's buffer is full the subscriber is
-paused and keeps only the newest frame, which it sends when resumed; one
-paused for longer than the stall timeout is disconnected. Stream sockets get
-small send buffers (:func:`bound_send_buffers`), so a reader that stops
-reading is noticed within seconds, not after the kernel has queued megabytes
-for it. Memory per subscriber is therefore bounded by those buffers plus one
-frame.
+The hub knows nothing of HTTP: a subscriber writes frames to a
+:class:`StreamSink` (the web layer's is an SSE response, :mod:`zeusd.web.streams`),
+and is told by its transport when to pause and resume. While paused it keeps
+only the newest frame, which it sends when resumed; one paused for longer
+than the stall timeout is dropped. Memory per subscriber is therefore bounded
+by its transport's buffers plus one frame.
 """
 
 from __future__ import annotations
 
-import socket
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Hashable, Mapping, Protocol, Sequence
 
-from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from zeusd.devices.readings import Sample
 from zeusd.devices.sampling import TICK_DEADLINE_SHARE, Sampler
-from zeusd.errors import BadRequest
-from zeusd.sse import KEEPALIVE, Encoder, chunked
+from zeusd.sse import KEEPALIVE, Encoder
 
 log = Logger()
 
 
+class UnknownStreamFormat(ValueError):
+    """A stream format that is not one of the hub's encodings."""
 
-def _plain_socket(transport: Any) -> bool:
-    """A transport that owns its socket: not a TLS wrapper, which forwards
-    unknown attributes (``writeSomeData``, ``socket``) to the socket beneath it."""
-    return isinstance(transport, FileDescriptor) and not getattr(transport, "TLS", False)
+    def __init__(self, name: str, available: Sequence[str]) -> None:
+        super().__init__(f"Unknown stream format '{name[:40]}'. Available: {', '.join(available)}")
+        self.name = name
+        self.available = tuple(available)
 
 
-def direct_writer(request: Any) -> Callable[[bytes], None]:
-    """A write function for one stream that sends right away when it can.
+class Frame:
+    """One encoded sample (or keepalive) for every subscriber of a channel.
 
-    ``transport.write`` only buffers: the bytes leave on the reactor's next
-    pass, after two epoll registrations. For a fan-out of small frames to
-    thousands of sockets that bookkeeping is most of the cost, so when the
-    transport has nothing queued the frame goes straight to the socket, and
-    only what the kernel did not take is left to the transport (whose buffer
-    and producer pausing then work as usual). Other transports (TLS) always
-    buffer: writing past a TLS layer would put plaintext on the wire.
+    A sink that sends it in another form (an HTTP chunk) derives that form
+    once per frame with :meth:`encoded`, not once per subscriber.
     """
-    channel = request.channel
-    buffered: Callable[[bytes], None] = channel.write
-    transport = channel.transport
-    if not _plain_socket(transport):
-        return buffered
-    send = getattr(transport, "writeSomeData", None)
-    if send is None or not hasattr(transport, "_tempDataLen"):
-        return buffered
 
-    def write(data: bytes) -> None:
-        if not (transport.dataBuffer or transport._tempDataLen or transport.disconnecting) and transport.connected:
-            sent = send(data)
-            if isinstance(sent, int):
-                if sent == len(data):
-                    return
-                data = data[sent:]
-        buffered(data)
+    __slots__ = ("payload", "_forms")
 
-    return write
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+        self._forms: dict[Hashable, bytes] | None = None
+
+    def encoded(self, key: Hashable, encode: Callable[[bytes], bytes]) -> bytes:
+        forms = self._forms
+        if forms is None:
+            forms = self._forms = {}
+        data = forms.get(key)
+        if data is None:
+            data = forms[key] = encode(self.payload)
+        return data
 
 
-#: Kernel send buffer of a stream socket (Linux doubles it): fixed instead of
-#: TCP autotuning's up to 4 MiB, so at a few hundred bytes a second a stalled
-#: reader fills it within seconds and the stall clock starts. A reader across a
-#: 100 ms round trip still gets over 150 KB/s through it, far above a stream's rate.
-STREAM_SNDBUF_BYTES = 8 * 1024
+class StreamSink(Protocol):
+    """Where one subscriber's frames go."""
 
-#: What the transport may hold beyond that before it pauses the subscriber.
-STREAM_TRANSPORT_BUFFER_BYTES = 2 * 1024
+    def write(self, frame: Frame) -> None:
+        """Send now (the sink's transport may buffer what the peer has not taken yet)."""
 
-
-def bound_send_buffers(transport: Any) -> None:
-    """Shrink a plain socket transport's buffers for a long-lived stream."""
-    if not _plain_socket(transport):
-        return
-    sock = getattr(transport, "socket", None)
-    if sock is not None:
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SNDBUF_BYTES)
-        except OSError:
-            pass  # the default buffer still works, the stall is only noticed later
-    transport.bufferSize = STREAM_TRANSPORT_BUFFER_BYTES
+    def abort(self) -> None:
+        """Drop the connection (a stalled or failing reader)."""
 
 
-@implementer(IPushProducer)
 class Subscriber:
-    """One SSE response: writes frames, or holds the newest while its reader lags."""
+    """One subscription: writes frames, or holds the newest while its reader lags.
 
-    __slots__ = ("request", "channel", "done", "_write", "_chunked", "paused_since", "pending", "hub")
+    ``done`` fires when the subscription ends (the web layer finishes the
+    response then).
+    """
 
-    def __init__(self, hub: "StreamHub", request: Any, channel: "Channel") -> None:
+    __slots__ = ("hub", "channel", "sink", "done", "paused_since", "pending")
+
+    def __init__(self, hub: "StreamHub", channel: "Channel", sink: StreamSink) -> None:
         self.hub = hub
-        self.request = request
         self.channel = channel
+        self.sink = sink
         self.paused_since: float | None = None
-        self.pending: bytes | None = None
-        #: Fires when the stream ends; the web framework holds the response open until then.
+        self.pending: Frame | None = None
         self.done: Deferred[None] = Deferred()
-        self._chunked = bool(getattr(request, "chunked", False))
-        self._write: Callable[[bytes], None] = direct_writer(request)
 
-    def send(self, payload: bytes, framed: bytes, now: float) -> None:
-        """Write a frame now, or keep it as the newest while paused (``now``: the hub's clock)."""
-        data = framed if self._chunked else payload
+    def send(self, frame: Frame, now: float) -> None:
         if self.paused_since is None:
-            self._write(data)
+            self.sink.write(frame)
             return
-        self.pending = data
+        self.pending = frame
         if now - self.paused_since > self.hub.stall_timeout_s:
             log.info("Dropping a stream subscriber stalled for {s:.0f} s", s=now - self.paused_since)
             self.hub.drop(self)
 
-    # IPushProducer: called by the connection as its buffer fills and drains.
-    def pauseProducing(self) -> None:
+    # Flow control: called by the transport as its buffer fills and drains.
+    def pause(self) -> None:
         if self.paused_since is None:
             self.paused_since = self.hub.now()
 
-    def resumeProducing(self) -> None:
+    def resume(self) -> None:
         self.paused_since = None
         if self.pending is not None:
-            data, self.pending = self.pending, None
-            self._write(data)
-
-    def stopProducing(self) -> None:
-        self.hub.remove(self)
+            frame, self.pending = self.pending, None
+            self.sink.write(frame)
 
 
 class Channel:
@@ -161,11 +129,11 @@ class Channel:
     def publish(self, payload: bytes, now: float) -> None:
         if not payload:
             return
-        framed = chunked(payload)
+        frame = Frame(payload)
         self.last_sent = now
         for subscriber in tuple(self.subscribers):
             try:
-                subscriber.send(payload, framed, now)
+                subscriber.send(frame, now)
             except Exception:
                 # One broken connection must never stop the stream for the others.
                 log.failure("Dropping a stream subscriber that failed")
@@ -223,45 +191,36 @@ class StreamHub:
 
     # Subscribing ---------------------------------------------------------------
 
-    def encoder(self, name: str | None) -> tuple[str, Encoder]:
+    def format(self, name: str | None) -> str:
+        """The format a subscription with ``name`` gets (the default for None); raises UnknownStreamFormat."""
         name = name or self._default_format
-        encoder = self._encoders.get(name)
-        if encoder is None:
-            raise BadRequest(f"Unknown stream format '{name[:40]}'. Available: {', '.join(self._encoders)}")
-        return name, encoder
+        if name not in self._encoders:
+            raise UnknownStreamFormat(name, list(self._encoders))
+        return name
 
-    def subscribe(self, request: Any, ids: Sequence[int], format_name: str | None) -> "Deferred[None]":
-        name, encoder = self.encoder(format_name)
+    def subscribe(self, sink: StreamSink, ids: Sequence[int], format_name: str | None) -> Subscriber:
+        """Start sending ``ids``' samples to ``sink``; the first frame is fresh data only."""
+        name = self.format(format_name)
         key = (tuple(ids), name)
         channel = self._channels.get(key)
         if channel is None:
-            channel = self._channels[key] = Channel(key, encoder, self.now())
-        request.setHeader(b"content-type", b"text/event-stream")
-        request.setHeader(b"cache-control", b"no-cache")
-        request.setHeader(b"x-accel-buffering", b"no")
-        request.write(b"")  # headers now: the client knows it is subscribed
-        bound_send_buffers(request.channel.transport)
-        subscriber = Subscriber(self, request, channel)
+            channel = self._channels[key] = Channel(key, self._encoders[name], self.now())
+        subscriber = Subscriber(self, channel, sink)
         channel.subscribers.add(subscriber)
-        request.registerProducer(subscriber, True)
-        request.notifyFinish().addBoth(lambda _: self.remove(subscriber))
         self._demand_changed()
         fresh = self.fresh_sample(self.period)
         if fresh is not None:
-            payload = encoder(fresh, channel.ids)
+            payload = channel.encoder(fresh, channel.ids)
             if payload:
-                subscriber.send(payload, chunked(payload), self.now())
-        return subscriber.done
+                subscriber.send(Frame(payload), self.now())
+        return subscriber
 
     def remove(self, subscriber: Subscriber) -> None:
+        """End a subscription (its reader went away, or the daemon stops)."""
         channel = subscriber.channel
         if subscriber not in channel.subscribers:
             return
         channel.subscribers.discard(subscriber)
-        request = subscriber.request
-        # After connectionLost the request has no channel left to unregister from.
-        if getattr(request, "producer", None) is subscriber and getattr(request, "channel", None) is not None:
-            request.unregisterProducer()
         if not channel.subscribers:
             del self._channels[channel.key]
         self._demand_changed()
@@ -270,14 +229,11 @@ class StreamHub:
 
     def drop(self, subscriber: Subscriber) -> None:
         """Disconnect a subscriber (stalled, or failing)."""
-        transport = getattr(getattr(subscriber.request, "channel", None), "transport", None)
         self.remove(subscriber)
-        if transport is not None:
-            transport.abortConnection()
+        subscriber.sink.abort()
 
     def close_all(self) -> int:
-        """End every stream cleanly (the response finishes with its last chunk) and stop polling;
-        returns how many streams were ended."""
+        """End every stream cleanly and stop polling; returns how many streams were ended."""
         ended = 0
         for channel in list(self._channels.values()):
             for subscriber in list(channel.subscribers):

@@ -132,7 +132,8 @@ def agent_for(
 ) -> IAgent:
     """The agent that reaches ``server``: its UNIX socket, or TCP with TLS verified by ``ca_file`` or the system."""
     if server.scheme == "unix":
-        return Agent.usingEndpointFactory(reactor, _UnixEndpointFactory(reactor, server.path, timeout_s), pool=pool)
+        agent: IAgent = Agent.usingEndpointFactory(reactor, _UnixEndpointFactory(reactor, server.path, timeout_s), pool=pool)
+        return agent
     if server.scheme == "https" and ca_file is not None:
         return Agent(reactor, contextFactory=_TrustRootPolicy(ca_file), connectTimeout=timeout_s, pool=pool)
     return Agent(reactor, connectTimeout=timeout_s, pool=pool)

@@ -27,7 +27,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from zeusd.auth import AuthenticationError, ScopeError
-from zeusd.errors import ApiError, NotFound
+from zeusd.web.errors import ApiError, NotFound
 from zeusd.groups import LIVE_PAGE_PATHS, ApiGroup, group_for_path
 from zeusd.web.limits import BoundedBodyRequest, DeadlineChannel
 from zeusd.web.responses import install_error_handlers, json_body, json_response, no_such_route, render_error, to_json
@@ -57,15 +57,9 @@ class RequestObserver(Protocol):
     def observe_request(self, route: str, method: bytes, code: int, seconds: float) -> None: ...
 
 
-def route_paths(resources: Iterable[IResource]) -> set[str]:
-    """The static paths routed by Klein resources: the known endpoints (metrics route labels)."""
-    paths: set[str] = set()
-    for resource in resources:
-        app = getattr(resource, "_app", None)
-        url_map = getattr(app, "url_map", None)
-        if url_map is not None:
-            paths.update(str(rule.rule) for rule in url_map.iter_rules())
-    return paths
+def route_paths(apps: Iterable[Klein]) -> set[str]:
+    """The static paths the apps route: the known endpoints (metrics route labels)."""
+    return {str(rule.rule) for app in apps for rule in app.url_map.iter_rules()}
 
 
 class ZeusdRequest(BoundedBodyRequest):
@@ -99,7 +93,7 @@ class ZeusdSite(Site):
         )
 
 
-def server_resource(discovery: Callable[[], Mapping[str, Any]], authenticator: Authenticator | None) -> IResource:
+def server_app(discovery: Callable[[], Mapping[str, Any]], authenticator: Authenticator | None) -> Klein:
     """``/discover``, ``/time`` and ``/auth/whoami``: present whatever is enabled.
 
     ``discovery`` is called once, at the first ``/discover``: devices are only
@@ -126,7 +120,7 @@ def server_resource(discovery: Callable[[], Mapping[str, Any]], authenticator: A
             raise ApiError(500, "Claims not found in request extensions.")
         return json_response(request, claims.whoami_body())
 
-    return app.resource()
+    return app
 
 
 class ZeusdRoot(Resource):
@@ -200,4 +194,4 @@ def _decoded_path(request: IRequest) -> str | None:
         return None
 
 
-__all__ = ["WWW_AUTHENTICATE", "RequestObserver", "ZeusdRoot", "ZeusdSite", "route_paths", "server_resource", "NOT_DONE_YET"]
+__all__ = ["WWW_AUTHENTICATE", "RequestObserver", "ZeusdRoot", "ZeusdSite", "route_paths", "server_app", "NOT_DONE_YET"]

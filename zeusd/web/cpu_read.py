@@ -8,13 +8,13 @@ from klein import Klein
 from twisted.internet import task
 from twisted.internet.defer import Deferred
 from twisted.web.iweb import IRequest
-from twisted.web.resource import IResource
 
 from zeusd.devices.cpu.manager import CpuManager, EnergySample, PackagePower, power_between
 from zeusd.devices.readings import Results, split_results, wall_clock_ms
-from zeusd.errors import DeviceErrors, all_or_errors
-from zeusd.sse import Sample
+from zeusd.web.errors import DeviceErrors, all_or_errors
+from zeusd.devices.readings import Sample
 from zeusd.streaming import StreamHub
+from zeusd.web.streams import stream_response
 from zeusd.web.params import Kind, Param, id_map, parse_query, require_existing, select_known
 from zeusd.web.responses import install_error_handlers, json_response
 
@@ -27,7 +27,7 @@ def _power_entry(power: PackagePower) -> dict[str, Any]:
     return {"cpu_mw": power.cpu_mw, "dram_mw": power.dram_mw}
 
 
-def cpu_read_resource(reactor: Any, cpus: CpuManager, streams: StreamHub, window_s: float) -> IResource:
+def cpu_read_app(reactor: Any, cpus: CpuManager, streams: StreamHub, window_s: float) -> Klein:
     """``window_s``: how long a one-shot power reading measures when no stream is running."""
     app = Klein()
     install_error_handlers(app)
@@ -87,9 +87,9 @@ def cpu_read_resource(reactor: Any, cpus: CpuManager, streams: StreamHub, window
     def stream_power(request: IRequest) -> Any:
         params = parse_query(request.uri, STREAM_PARAMS)
         ids = select_known(params["cpu_ids"], "CPU", cpus.ids)
-        return streams.subscribe(request, ids, params["format"])
+        return stream_response(streams, request, ids, params["format"])
 
-    return app.resource()
+    return app
 
 
 def _power_body(sample: Sample, ids: list[int]) -> dict[str, Any]:

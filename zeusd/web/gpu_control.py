@@ -12,12 +12,11 @@ from typing import Any
 from klein import Klein
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.web.iweb import IRequest
-from twisted.web.resource import IResource
 
 from zeusd.devices.base import DeviceError
 from zeusd.devices.gpu.control import OPERATIONS, ControlOperation, InvalidArgument
 from zeusd.devices.gpu.manager import GpuManager
-from zeusd.errors import BadRequest, DeviceErrors
+from zeusd.web.errors import BadRequest, DeviceErrors
 from zeusd.web.params import Kind, Param, parse_query, require_existing
 from zeusd.web.responses import empty_ok, install_error_handlers
 
@@ -32,7 +31,7 @@ def query_params(operation: ControlOperation[Any]) -> tuple[Param, ...]:
     return (GPU_IDS, *own, BLOCK)
 
 
-def gpu_control_resource(gpus: GpuManager) -> IResource:
+def gpu_control_app(gpus: GpuManager) -> Klein:
     app = Klein()
     install_error_handlers(app)
 
@@ -61,4 +60,4 @@ def gpu_control_resource(gpus: GpuManager) -> IResource:
     for operation in OPERATIONS:
         route = app.route(f"/gpu/{operation.name}", methods=["POST"], endpoint=operation.name)
         route(lambda request, operation=operation, params=query_params(operation): handle(request, operation, params))
-    return app.resource()
+    return app

@@ -6,13 +6,13 @@ from typing import Any, Callable
 
 from klein import Klein
 from twisted.web.iweb import IRequest
-from twisted.web.resource import IResource
 
 from zeusd.devices.gpu.base import GPU
 from zeusd.devices.gpu.manager import GpuManager
 from zeusd.devices.readings import Reading, Results, split_results, wall_clock_ms
-from zeusd.errors import DeviceErrors, all_or_errors
+from zeusd.web.errors import DeviceErrors, all_or_errors
 from zeusd.streaming import StreamHub
+from zeusd.web.streams import stream_response
 from zeusd.web.live_page import add_live_page
 from zeusd.web.params import Kind, Param, id_map, parse_query, require_existing, select_known
 from zeusd.web.responses import install_error_handlers, json_response
@@ -55,7 +55,7 @@ def power_body(results: Results[Reading[int]]) -> dict[str, Any]:
     return body
 
 
-def gpu_read_resource(gpus: GpuManager, streams: StreamHub | None) -> IResource:
+def gpu_read_app(gpus: GpuManager, streams: StreamHub | None) -> Klein:
     app = Klein()
     install_error_handlers(app)
     add_live_page(app)
@@ -87,6 +87,6 @@ def gpu_read_resource(gpus: GpuManager, streams: StreamHub | None) -> IResource:
         def stream_power(request: IRequest) -> Any:
             params = parse_query(request.uri, STREAM_PARAMS)
             ids = select_known(params["gpu_ids"], "GPU", gpus.ids)
-            return streams.subscribe(request, ids, params["format"])
+            return stream_response(streams, request, ids, params["format"])
 
-    return app.resource()
+    return app

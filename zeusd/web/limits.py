@@ -9,7 +9,17 @@ What it does not bound, and a root daemon must:
 * slow headers: Twisted's idle timeout restarts with every byte, so a client
   trickling a header byte at a time (slowloris) would hold its connection
   forever. A request's headers must be complete ``HEADER_DEADLINE_S`` after
-  its first line arrived.
+  its first byte arrived;
+* bare-LF line endings: Twisted only ends a line at CRLF, so a request written
+  with LF alone would wait for the deadline. It gets a 400 at once instead.
+
+The request target is normalised too: an absolute-form target
+(``GET http://host/discover``, RFC 9112 §3.2.2) is served as its path.
+
+One hook here is Twisted's private ``_respondToBadRequestAndDisconnect`` (its
+answer to unparseable requests, given a JSON body like every other error);
+``tests/test_twisted_private.py`` fails loudly if the installed Twisted no
+longer calls it.
 """
 
 from __future__ import annotations
@@ -42,6 +52,7 @@ _TOO_LARGE = raw_error(b"413 Payload Too Large", "Request body too large: zeusd 
 _TOO_SLOW = raw_error(b"408 Request Timeout", f"Request headers not complete within {HEADER_DEADLINE_S:g} s.")
 _TOO_LONG = raw_error(b"431 Request Header Fields Too Large", "Request line or header too long.")
 _MALFORMED = raw_error(b"400 Bad Request", "Malformed HTTP request.")
+_BARE_LF = raw_error(b"400 Bad Request", "Malformed HTTP request: lines must end with CRLF.")
 
 
 class BoundedBodyRequest(Request):
@@ -49,6 +60,9 @@ class BoundedBodyRequest(Request):
 
     _body_bytes = 0
     _refused = False
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        super().requestReceived(command, origin_form(path), version)
 
     def gotLength(self, length: int | None) -> None:
         self.content = io.BytesIO()  # never a temporary file
@@ -72,6 +86,17 @@ class BoundedBodyRequest(Request):
             channel.transport.loseConnection()
 
 
+def origin_form(target: bytes) -> bytes:
+    """``http://host:port/p?q`` → ``/p?q``: an absolute-form request target is served like its path."""
+    for scheme in (b"http://", b"https://"):
+        if target[: len(scheme)].lower() == scheme:
+            rest = target[len(scheme):]
+            start = min((i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0), default=len(rest))
+            path = rest[start:]
+            return path if path.startswith(b"/") else b"/" + path
+    return target
+
+
 class DeadlineChannel(HTTPChannel):
     """An HTTP channel that drops clients whose headers take too long."""
 
@@ -80,8 +105,6 @@ class DeadlineChannel(HTTPChannel):
     def lineReceived(self, line: bytes) -> None:
         if self._discarding:
             return  # already answered and closing; the rest of the buffer is ignored
-        if self._header_deadline is None:
-            self._header_deadline = self.callLater(HEADER_DEADLINE_S, self._headers_too_slow)
         super().lineReceived(line)
 
     def allHeadersReceived(self) -> None:
@@ -110,10 +133,19 @@ class DeadlineChannel(HTTPChannel):
         self._reply_and_close(_TOO_SLOW)
 
     _discarding = False
+    _last_byte = b""
 
     def dataReceived(self, data: bytes) -> None:
-        if not self._discarding:
-            super().dataReceived(data)
+        if self._discarding or not data:
+            return
+        if self.line_mode:  # the request line and headers (raw mode reads a body)
+            if self._header_deadline is None:
+                self._header_deadline = self.callLater(HEADER_DEADLINE_S, self._headers_too_slow)
+            if _has_bare_lf(self._last_byte, data):
+                self._reply_and_close(_BARE_LF)
+                return
+        self._last_byte = data[-1:]
+        super().dataReceived(data)
 
     def rawDataReceived(self, data: bytes) -> None:
         if not self._discarding:
@@ -134,3 +166,13 @@ class DeadlineChannel(HTTPChannel):
             return
         half_close()
         self.callLater(LINGER_S, transport.loseConnection)
+
+
+def _has_bare_lf(previous: bytes, data: bytes) -> bool:
+    """Whether ``data`` (following the byte ``previous``) has an LF not preceded by CR."""
+    i = data.find(b"\n")
+    while i != -1:
+        if (data[i - 1 : i] if i else previous) != b"\r":
+            return True
+        i = data.find(b"\n", i + 1)
+    return False

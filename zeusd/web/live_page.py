@@ -57,7 +57,7 @@ def content_security_policy(html: str) -> str:
 
 @lru_cache(maxsize=1)
 def load_live_page() -> LivePage:
-    html = files("zeusd.web").joinpath("static", PAGE_RESOURCE).read_text(encoding="utf-8")
+    html = files("zeusd.web").joinpath("static").joinpath(PAGE_RESOURCE).read_text(encoding="utf-8")
     return LivePage(html.encode("utf-8"), content_security_policy(html))
 
 

@@ -6,7 +6,6 @@ from typing import Any
 
 from klein import Klein
 from twisted.web.iweb import IRequest
-from twisted.web.resource import IResource
 
 from zeusd.metrics import Scraper
 from zeusd.web.responses import install_error_handlers
@@ -14,7 +13,7 @@ from zeusd.web.responses import install_error_handlers
 METRICS_PATH = "/metrics"
 
 
-def metrics_resource(scraper: Scraper) -> IResource:
+def metrics_app(scraper: Scraper) -> Klein:
     """Device readings are taken at scrape time, off the reactor thread.
 
     The query string is ignored (Prometheus scrape configs may add ``params``).
@@ -42,4 +41,4 @@ def metrics_resource(scraper: Scraper) -> IResource:
 
         return scraper.render(accept, gzip_ok).addCallback(respond)
 
-    return app.resource()
+    return app

@@ -14,7 +14,7 @@ from enum import Enum
 from typing import Any, Iterable, Mapping, Sequence
 from urllib.parse import unquote_to_bytes
 
-from zeusd.errors import BadRequest
+from zeusd.web.errors import BadRequest
 
 U32_MAX = 0xFFFFFFFF
 _SHOWN = 40  # longest piece of client input echoed back in an error

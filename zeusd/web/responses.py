@@ -9,7 +9,7 @@ from klein import Klein
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
-from zeusd.errors import ApiError
+from zeusd.web.errors import ApiError
 
 _encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
 
