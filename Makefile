@@ -6,7 +6,7 @@ SOCKET ?= /tmp/zeusd.sock
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[test]' --config-settings editable_mode=compat
+	$(VENV)/bin/pip install -q -e '.[test]'
 	touch $@
 
 .PHONY: serve test zeus-clients system-packages bench

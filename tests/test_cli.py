@@ -334,10 +334,11 @@ def test_gpu_read_needs_no_root_but_needs_its_gpus(empty_lib_dir: str) -> None:
         env={**os.environ, "LD_LIBRARY_PATH": empty_lib_dir},
     )
     assert r.returncode == 1, (r.stdout, r.stderr)
-    assert error_lines(r.stderr) == [
-        "Error: --enable names a GPU API group, but there is no GPU: the NVML library (libnvidia-ml.so.1) "
-        "could not be loaded; is the NVIDIA driver installed?"
-    ]
+    lines = error_lines(r.stderr)
+    assert len(lines) == 1 and lines[0].startswith(
+        "Error: --enable names a GPU API group, but there is no GPU: no NVIDIA GPU (the NVML library "
+        "(libnvidia-ml.so.1) could not be loaded; is the NVIDIA driver installed?) and no AMD GPU ("
+    ), lines
 
 
 @pytest.mark.parametrize(
@@ -440,3 +441,13 @@ def test_the_deployment_options_table_lists_exactly_the_serve_flags() -> None:
     assert documented == {flag.name for flag in SERVE_FLAGS}
     help_text = zeusd("serve", "--help").stdout
     assert all(f"--{flag.name}" in help_text for flag in SERVE_FLAGS)
+
+
+def test_importing_the_daemon_warns_about_nothing() -> None:
+    """NVIDIA's bindings by their own name (nvidia-ml-py), not the deprecated pynvml shim and its import hook."""
+    from importlib.metadata import requires
+
+    names = {re.split(r"[<>=!~ ;\[]", r, maxsplit=1)[0].lower() for r in requires("zeusd") or []}
+    assert "nvidia-ml-py" in names and "pynvml" not in names
+    r = subprocess.run([sys.executable, "-W", "error", "-c", "import zeusd.service, zeusd.cli"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
