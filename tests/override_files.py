@@ -1,4 +1,5 @@
-"""Override files and the scripts they name, written by the tests into temporary directories.
+"""Override files and the scripts they name, written by the tests into temporary directories,
+and what a process left behind after running them (read from /proc).
 
 :func:`recorder` writes a shell script that appends one line per run to a record
 file: its name, then every argument it received, separated by ``\\x1f``, so a
@@ -66,3 +67,34 @@ def write_overrides(path: Path, tables: Mapping[str, Mapping[str, Any]], mode: i
     path.write_text("\n".join(lines))
     os.chmod(path, mode)
     return path
+
+
+# What a process left behind -----------------------------------------------------------------
+
+
+def children_of(pid: int | str = "self") -> set[int]:
+    """Every process whose parent is ``pid`` (zombies included)."""
+    found: set[int] = set()
+    for task in os.listdir(f"/proc/{pid}/task"):
+        found.update(int(p) for p in Path(f"/proc/{pid}/task/{task}/children").read_text().split())
+    return found
+
+
+def pipes_of(pid: int | str = "self") -> int:
+    """How many pipe ends ``pid`` holds open."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("pipe:")
+        except OSError:
+            pass
+    return count
+
+
+def running(pid: int) -> bool:
+    """The process exists and is not a zombie (a killed orphan may stay one under a non-reaping init)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")

@@ -21,8 +21,8 @@ import pytest
 from tests.conftest import DaemonFactory
 from tests.daemon import REPO, Client, Daemon, Transport, free_tcp_port, run_zeusd, unprivileged_user, wait_until
 from tests.fakenvml import FakeNvml
-from tests.override_files import recorder, records, write_overrides, write_script
-from tests.test_cli import processes, unprivileged_command, wait_for_discover  # noqa: F401 (processes: a fixture)
+from tests.override_files import children_of, pipes_of, recorder, records, running, write_overrides, write_script
+from tests.test_cli import _euid_of, processes, unprivileged_command, wait_for_discover  # noqa: F401 (processes: a fixture)
 from zeusd.devices.gpu.control import OPERATIONS
 
 GROUPS = ("--enable", "gpu-control,gpu-read,metrics")
@@ -44,31 +44,6 @@ def override_samples(daemon: Daemon) -> list[str]:
     """The ``zeusd_gpu_command_override`` samples of a scrape."""
     body = daemon.client.get("/metrics").body.decode()
     return [line for line in body.splitlines() if line.startswith("zeusd_gpu_command_override{")]
-
-
-def children_of(pid: int) -> set[int]:
-    found: set[int] = set()
-    for task in os.listdir(f"/proc/{pid}/task"):
-        found.update(int(p) for p in Path(f"/proc/{pid}/task/{task}/children").read_text().split())
-    return found
-
-
-def pipes_of(pid: int) -> int:
-    count = 0
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("pipe:")
-        except OSError:
-            pass
-    return count
-
-
-def running(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 # Every operation, every placeholder ------------------------------------------------------
@@ -319,13 +294,6 @@ def open_dir() -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="zeusd-overrides-") as d:
         os.chmod(d, 0o755)
         yield Path(d)
-
-
-def _euid_of(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("Uid:"):
-            return int(line.split()[2])
-    raise AssertionError("no Uid line")
 
 
 def test_an_unprivileged_daemon_runs_gpu_control_through_its_overrides(

@@ -52,7 +52,7 @@ def refusal(path: Path) -> str:
 
 def test_every_operation_loads_in_table_order_with_its_defaults(tmp_path: Path, tool: Path) -> None:
     names = [op.name for op in OPERATIONS]
-    tables = {name: {"commands": [f"{tool} {{gpu_id}}"]} for name in reversed(names)}
+    tables: dict[str, dict[str, Any]] = {name: {"commands": [f"{tool} {{gpu_id}}"]} for name in reversed(names)}
     tables["reset_locked_clocks"] = {"commands": [f"{tool} a", "true"], "timeout_s": 7, "error_pattern": "(?i)fail"}
     overrides = load(write_overrides(tmp_path / "o.toml", tables))
     assert list(overrides) == names

@@ -11,20 +11,20 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import pytest
-from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from tests.manual import ManualExecutors
-from tests.override_files import recorder, records, write_overrides, write_script
+from tests.test_concurrency import outcome
+from tests.override_files import children_of, pipes_of, recorder, records, running, write_overrides, write_script
 from zeusd.devices.base import DeviceError
 from zeusd.devices.commands import CAPTURE_BYTES, OUTPUT_GRACE_S, run_command
 from zeusd.devices.gpu.control import RESET_GPU_LOCKED_CLOCKS, SET_POWER_LIMIT, ClockRange, NoArguments, PowerLimit
 from zeusd.devices.gpu.manager import DEVICE_TIMEOUT_S, GpuManager
-from zeusd.devices.gpu.simulated import SimulatedGPUBackend
 from zeusd.devices.gpu.overrides import MESSAGE_OUTPUT_CHARS, CommandOverride, load_overrides
+from zeusd.devices.gpu.simulated import SimulatedGPUBackend
 
 
 @dataclass
@@ -34,33 +34,6 @@ class Gpu:
     index: int
 
 
-def children() -> set[int]:
-    """Every process whose parent is this one (zombies included)."""
-    found: set[int] = set()
-    for task in os.listdir("/proc/self/task"):
-        found.update(int(p) for p in Path(f"/proc/self/task/{task}/children").read_text().split())
-    return found
-
-
-def pipes() -> int:
-    count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            count += os.readlink(f"/proc/self/fd/{fd}").startswith("pipe:")
-        except OSError:
-            pass
-    return count
-
-
-def gone(pid: int) -> bool:
-    """The process no longer runs (reaped, or a zombie whose parent is someone else's init)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
-
-
 @contextmanager
 def leaves_nothing() -> Iterator[None]:
     """What runs inside leaves no child process (no zombie) and no open pipe behind.
@@ -68,10 +41,10 @@ def leaves_nothing() -> Iterator[None]:
     Used inside the test body: pytest-twisted starts the reactor, with its
     waker pipe, when the first test is called, after the fixtures ran.
     """
-    before_children, before_pipes = children(), pipes()
+    before_children, before_pipes = children_of(), pipes_of()
     yield
-    assert children() - before_children == set()
-    assert pipes() == before_pipes
+    assert children_of() - before_children == set()
+    assert pipes_of() == before_pipes
 
 
 def override(tmp_path: Path, operation: str, commands: list[str], **keys: object) -> CommandOverride:
@@ -135,7 +108,7 @@ def test_a_command_past_its_timeout_is_killed_with_its_process_group(tmp_path: P
     assert 1.0 <= took < 1.0 + OUTPUT_GRACE_S, took
     assert outcome.stdout.text() == "started\n"
     shell, sleeper = (int(p) for p in pids.read_text().split())
-    assert gone(shell) and gone(sleeper)
+    assert not running(shell) and not running(sleeper)
 
 
 def test_a_leftover_holding_the_output_is_abandoned_after_the_grace(tmp_path: Path) -> None:
@@ -233,20 +206,15 @@ def test_the_manager_runs_an_override_on_the_gpus_queue_and_waits_as_long_as_it_
     assert records(rec) == [] and manager.pending(1) == 2  # queued, in order, on GPU 1's command executor
 
     clock.advance(DEVICE_TIMEOUT_S)  # a native command's bound is the device timeout ...
-    assert isinstance(native := fired(native_d), DeviceError)
+    native = outcome(native_d)
+    assert isinstance(native, DeviceError)
     assert native.message == "GPU 1 did not finish the command within 5 s; it stays queued and will still be applied."
     clock.advance(10 + OUTPUT_GRACE_S - 0.01)  # ... an override's adds its commands' timeouts and the output grace
     assert not override_d.called
     clock.advance(0.02)
-    assert fired(override_d).message == "GPU 1 did not finish the command within 16 s; it stays queued and will still be applied."
+    assert outcome(override_d).message == "GPU 1 did not finish the command within 16 s; it stays queued and will still be applied."
 
     executors["zeusd-gpu-1"].run_next()  # the override's turn on the GPU's own thread
     assert records(rec) == [["record", "1", "300"]]
     assert manager.gpus[1].get_power_limit_mw() != 300_000  # the GPU library was not asked
 
-
-def fired(d: "Deferred[Any]") -> Any:
-    box: list[Any] = []
-    d.addBoth(box.append)
-    assert box, "the Deferred has not fired"
-    return box[0]
