@@ -183,7 +183,7 @@ def test_a_bad_file_is_refused_naming_the_file_table_and_key(tmp_path: Path, too
     assert message.replace(TOOL, str(tool)) in got
 
 
-def test_a_missing_or_binary_file_is_refused(tmp_path: Path) -> None:
+def test_a_missing_binary_or_special_file_is_refused(tmp_path: Path) -> None:
     missing = tmp_path / "nope.toml"
     assert refusal(missing) == f"--gpu-command-overrides {missing}: cannot be read: No such file or directory"
     binary = tmp_path / "bin.toml"
@@ -191,6 +191,9 @@ def test_a_missing_or_binary_file_is_refused(tmp_path: Path) -> None:
     os.chmod(binary, 0o644)
     assert refusal(binary) == f"--gpu-command-overrides {binary}: is not UTF-8 text"
     assert refusal(tmp_path) == f"--gpu-command-overrides {tmp_path}: cannot be read: Is a directory"
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o644)  # no writer: opening it must not hang
+    assert refusal(fifo) == f"--gpu-command-overrides {fifo}: the file is not a regular file"
 
 
 # Trust --------------------------------------------------------------------------------------

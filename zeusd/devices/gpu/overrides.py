@@ -175,7 +175,8 @@ def load_overrides(path: str) -> dict[str, CommandOverride]:
     Raises OverrideFileError naming the file, the table and the key.
     """
     try:
-        with open(path, "rb") as f:
+        # Non-blocking: a FIFO at the path is refused below instead of hanging startup.
+        with open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NONBLOCK)) as f:
             # The checks and the read use the same open file: what is checked is what is read.
             check_trusted(os.fstat(f.fileno()), "the file")
             data = f.read(MAX_FILE_BYTES + 1)
