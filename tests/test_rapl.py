@@ -493,3 +493,18 @@ def test_a_hanging_energy_file_times_out_alone_and_recovers(start_daemon: Daemon
         assert time.monotonic() < deadline, daemon.log()
         time.sleep(0.1)
     assert cpu_uj(daemon, 0) >= 3_000
+
+
+def test_the_container_mount_is_preferred_unless_a_root_is_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 15 item 5: ``/zeus_sys/class/powercap`` (a bind mount of the host's tree) before ``/sys``."""
+    from zeusd.options import ServeConfig
+    from zeusd.service import discover_cpu_packages
+
+    container, host = tmp_path / "zeus_sys" / "class" / "powercap", tmp_path / "sys" / "class" / "powercap"
+    RaplTree(container).add_package(0, energy_uj=10).add_package(1, energy_uj=20)
+    RaplTree(host).add_package(0, energy_uj=30)
+    monkeypatch.setattr("zeusd.service.DEFAULT_RAPL_ROOTS", (str(container), str(host)))
+    assert [p.index for p in discover_cpu_packages(ServeConfig())] == [0, 1]
+    assert [p.index for p in discover_cpu_packages(ServeConfig(rapl_root=str(host)))] == [0]
+    shutil.rmtree(tmp_path / "zeus_sys")
+    assert [p.index for p in discover_cpu_packages(ServeConfig())] == [0]

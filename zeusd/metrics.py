@@ -329,6 +329,13 @@ class Scraper:
         f_info = GaugeMetricFamily(
             "zeusd_gpu_info", "Always 1; which backend (nvml, amdsmi, simulated) serves the GPU.", labels=(*GPU_LABELS, "backend")
         )
+        f_override = GaugeMetricFamily(
+            "zeusd_gpu_command_override",
+            "Always 1; a GPU control operation that runs the operator's commands (--gpu-command-overrides).",
+            labels=("operation",),
+        )
+        for name in self._gpus.overridden:
+            f_override.add_metric([name], 1)
 
         for i, gpu in enumerate(self._gpus.gpus):
             labels = [str(gpu.index), gpu.name, gpu.pci_address]
@@ -368,7 +375,10 @@ class Scraper:
                     f_lock_min.add_metric([*labels, domain], locked[0] * 1e6)
                     f_lock_max.add_metric([*labels, domain], locked[1] * 1e6)
             f_up.add_metric(labels, 1 if up else 0)
-        return [f_info, f_power, f_energy, f_limit, f_min, f_max, f_persist, f_locked, f_lock_min, f_lock_max, f_pending, f_up]
+        return [
+            f_info, f_override, f_power, f_energy, f_limit, f_min, f_max, f_persist, f_locked, f_lock_min, f_lock_max,
+            f_pending, f_up,
+        ]  # fmt: skip
 
     def _cpu_families(self, energy: Results[tuple[int | None, int | None]]) -> list[Metric]:
         if self._cpus is None:

@@ -54,6 +54,8 @@ class ServeConfig:
     rapl_root: str | None = None
     #: ``--gpu-backend``: auto, nvml or amdsmi.
     gpu_backend: str = "auto"
+    #: ``--gpu-command-overrides``: TOML file of commands run instead of GPU control operations.
+    gpu_command_overrides: str | None = None
     simulate: bool = False
     simulate_vendor: str = "nvidia"
     simulate_gpus: int = 4
@@ -88,6 +90,8 @@ class ServeConfig:
             f"stream format: {self.stream_format}; keepalive {self.sse_keepalive_s:g} s, "
             f"stalled readers dropped after {self.sse_stall_timeout_s:g} s",
         ]
+        if self.gpu_command_overrides is not None:
+            lines.append(f"GPU command overrides: {self.gpu_command_overrides}")
         if not self.simulate:
             lines.append(f"RAPL root: {self.rapl_root or 'first of ' + ', '.join(DEFAULT_RAPL_ROOTS)}")
         return lines
@@ -276,6 +280,11 @@ SERVE_FLAGS: tuple[Flag, ...] = (
     Flag("signing-key-path", "HS256 key file; enables bearer-token auth."),
     Flag("rapl-root", "Directory holding the intel-rapl zones (default: /zeus_sys/class/powercap if present, else /sys/class/powercap)."),
     Flag("gpu-backend", "GPU library: auto (whichever finds GPUs), nvml (NVIDIA) or amdsmi (AMD).", "auto"),
+    Flag(
+        "gpu-command-overrides",
+        "TOML file mapping GPU control operations to commands run instead of the GPU library (no shell); "
+        "with at least one, gpu-control needs no root.",
+    ),
     Flag("simulate", "Serve a simulated node (no hardware, no root needed).", takes_value=False),
     Flag("simulate-vendor", "GPUs of the simulated node behave like: nvidia or amd.", "nvidia"),
     Flag("simulate-gpus", "GPUs of the simulated node (with --simulate).", "4"),
@@ -305,6 +314,7 @@ class ServeOptions(VersionOption, FlagOptions):
             "socket-path": usage.CompleteFiles(),
             "signing-key-path": usage.CompleteFiles(),
             "rapl-root": usage.CompleteDirs(),
+            "gpu-command-overrides": usage.CompleteFiles(),
         }
     )
 
@@ -330,6 +340,7 @@ class ServeOptions(VersionOption, FlagOptions):
             signing_key_path=value("signing-key-path"),
             rapl_root=value("rapl-root"),
             gpu_backend=_choice("gpu-backend", str(value("gpu-backend")), GPU_BACKENDS),
+            gpu_command_overrides=value("gpu-command-overrides"),
             simulate=bool(self.given.get("simulate")),
             simulate_vendor=_choice("simulate-vendor", str(value("simulate-vendor")), ("nvidia", "amd")),
             simulate_gpus=_parse_count("simulate-gpus", str(value("simulate-gpus")), 0, MAX_SIMULATED_DEVICES),

@@ -38,6 +38,7 @@ from zeusd.devices.cpu.service import CpuService
 from zeusd.devices.executor import ExecutorFactory, thread_executors
 from zeusd.devices.gpu.base import GPUBackend
 from zeusd.devices.gpu.manager import GpuManager
+from zeusd.devices.gpu.overrides import CommandOverride, OverridesService
 from zeusd.devices.gpu.service import GpuService
 from zeusd.devices.sampling import CpuPowerSampler, GpuPowerSampler
 from zeusd.errors import StartupError
@@ -119,6 +120,7 @@ def discovery_info(config: ServeConfig, gpus: GpuManager | None, cpus: CpuManage
             for g in gpu_list
         ],
         "cpus": [{"id": p.index, "dram_available": p.dram_available} for p in packages],
+        "gpu_command_overrides": gpus.overridden if gpus is not None else [],
     }
 
 
@@ -333,7 +335,10 @@ def make_service(
         children.append(auth)
 
     if config.enabled(ApiGroup.GPU_CONTROL) or config.enabled(ApiGroup.GPU_READ):
-        gpus = GpuManager(reactor, executors)
+        overrides: dict[str, CommandOverride] = {}
+        if config.gpu_command_overrides is not None and config.enabled(ApiGroup.GPU_CONTROL):
+            children.append(OverridesService(config.gpu_command_overrides, overrides))
+        gpus = GpuManager(reactor, executors, overrides)
         gpus_required = config.groups_explicit and (
             config.enabled(ApiGroup.GPU_CONTROL) or config.enabled(ApiGroup.GPU_READ)
         )

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import NoReturn
+from typing import NoReturn, Sequence
 
 from twisted.logger import Logger
 
+from zeusd.devices.gpu.control import OPERATIONS
 from zeusd.errors import StartupError
 from zeusd.groups import ApiGroup
 from zeusd.listeners import check_listener
@@ -23,11 +24,25 @@ from zeusd.options import ServeConfig
 log = Logger()
 
 
-def check_privileges(config: ServeConfig) -> None:
-    """Groups that touch root-only device files need euid 0 (not in simulation)."""
+def check_privileges(config: ServeConfig, overridden: Sequence[str] = ()) -> None:
+    """Groups that touch root-only device files need euid 0 (not in simulation).
+
+    gpu-control with at least one overridden operation does not: the
+    operator's commands carry the privilege. The other operations still go to
+    the GPU library, which refuses them without root.
+    """
     if config.simulate or os.geteuid() == 0:
         return
     for group in config.enabled_groups:
+        if group is ApiGroup.GPU_CONTROL and overridden:
+            native = [op.name for op in OPERATIONS if op.name not in overridden]
+            if native:
+                log.warn(
+                    "gpu-control runs without root for its overridden operations; {native} still use the "
+                    "GPU library, which needs root: they will fail with a permission error",
+                    native=", ".join(native),
+                )
+            continue
         if group.needs_root:
             raise StartupError(
                 f"API group '{group.value}' requires root but zeusd is not running as root "
@@ -35,9 +50,24 @@ def check_privileges(config: ServeConfig) -> None:
             )
 
 
+def check_gpu_command_overrides(config: ServeConfig) -> list[str]:
+    """Load the override file (its errors stop startup here); the overridden operations."""
+    if config.gpu_command_overrides is None:
+        return []
+    if not config.enabled(ApiGroup.GPU_CONTROL):
+        log.warn(
+            "--gpu-command-overrides {path} is ignored: the gpu-control API group is not enabled",
+            path=config.gpu_command_overrides,
+        )
+        return []
+    from zeusd.devices.gpu.overrides import load_overrides
+
+    return list(load_overrides(config.gpu_command_overrides))
+
+
 def preflight(config: ServeConfig) -> None:
     """Raise StartupError for anything that would stop startup; open and start nothing."""
-    check_privileges(config)
+    check_privileges(config, check_gpu_command_overrides(config))
     if config.signing_key_path is not None:
         from zeusd.auth import load_signing_key
 

@@ -47,7 +47,7 @@ def gpu_control_app(gpus: GpuManager) -> Klein:
         done = [(gpu, gpus.submit(gpu, operation, arguments)) for gpu in ids]
         if not query["block"]:
             return empty_ok(request)
-        waits: list[Deferred[Any]] = [gpus.wait(gpu, d) for gpu, d in done]
+        waits: list[Deferred[Any]] = [gpus.wait(gpu, d, operation) for gpu, d in done]
 
         def respond(outcomes: list[None | DeviceError]) -> bytes:
             failed = {gpu: outcome for (gpu, _), outcome in zip(done, outcomes) if isinstance(outcome, DeviceError)}

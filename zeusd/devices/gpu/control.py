@@ -139,3 +139,14 @@ class CommandObserver(Protocol):
     """Told, on the reactor thread and in each GPU's command order, how every command ended."""
 
     def command_finished(self, gpu: int, operation: ControlOperation[Any], arguments: Any, error: DeviceError | None) -> None: ...
+
+
+class OperationOverride(Protocol):
+    """Runs in place of an operation's ``apply``, on the GPU's command thread (GPU command overrides)."""
+
+    def __call__(self, gpu: GPU, arguments: Any, /) -> None: ...
+
+    @property
+    def longest_s(self) -> float:
+        """The longest one run can take (bounds a blocking request's wait)."""
+        ...

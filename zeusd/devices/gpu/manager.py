@@ -15,7 +15,7 @@ starts their executors (from the GPU service's start, never earlier).
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Iterable, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, TimeoutError
 from twisted.logger import Logger
@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 from zeusd.devices.base import DeviceError
 from zeusd.devices.executor import Executor, ExecutorFactory, SingleFlight, gather_within
 from zeusd.devices.gpu.base import GPU
-from zeusd.devices.gpu.control import CommandObserver, ControlOperation
+from zeusd.devices.gpu.control import OPERATIONS, CommandObserver, ControlOperation, OperationOverride
 from zeusd.devices.readings import Reading, Results, wall_clock_ms
 
 log = Logger()
@@ -51,9 +51,13 @@ def _as_device_error(failure: Failure, gpu: int, what: str) -> DeviceError:
 
 
 class GpuManager:
-    def __init__(self, reactor: Any, executors: ExecutorFactory) -> None:
+    def __init__(
+        self, reactor: Any, executors: ExecutorFactory, overrides: Mapping[str, OperationOverride] | None = None
+    ) -> None:
         self._reactor = reactor
         self._make_executor = executors
+        #: Operation name → what runs instead of its ``apply`` (GPU command overrides; filled at start).
+        self.overrides: Mapping[str, OperationOverride] = overrides if overrides is not None else {}
         self.gpus: list[GPU] = []
         self._queues: list[Executor] = []
         self._readers: list[Executor] = []
@@ -85,6 +89,11 @@ class GpuManager:
         return self._queues[gpu].pending
 
     @property
+    def overridden(self) -> list[str]:
+        """The operations that run override commands, in the operation table's order."""
+        return [op.name for op in OPERATIONS if op.name in self.overrides]
+
+    @property
     def idle(self) -> bool:
         """No control command or queued read is waiting or running."""
         return all(q.pending == 0 for q in self._queues)
@@ -105,13 +114,14 @@ class GpuManager:
         reaches the observers.
         """
         device = self.gpus[gpu]
+        apply = self.overrides.get(operation.name, operation.apply)
         description = operation.describe(arguments)
         queued_at = time.monotonic()
         started: list[float] = []
 
         def run() -> None:
             started.append(time.monotonic())
-            operation.apply(device, arguments)
+            apply(device, arguments)
 
         def succeeded(_: None) -> None:
             now = time.monotonic()
@@ -150,18 +160,22 @@ class GpuManager:
             except Exception:
                 log.failure("A command observer failed")
 
-    def wait(self, gpu: int, d: "Deferred[None | DeviceError]") -> "Deferred[None | DeviceError]":
-        """Bound a blocking request's wait for a queued command."""
+    def wait(
+        self, gpu: int, d: "Deferred[None | DeviceError]", operation: ControlOperation[Any] | None = None
+    ) -> "Deferred[None | DeviceError]":
+        """Bound a blocking request's wait for a queued command (longer for an override's commands)."""
+        override = self.overrides.get(operation.name) if operation is not None else None
+        bound = DEVICE_TIMEOUT_S + (override.longest_s if override is not None else 0)
 
         def timed_out(failure: Failure) -> DeviceError:
             failure.trap(TimeoutError)
             return DeviceError(
-                f"GPU {gpu} did not finish the command within {DEVICE_TIMEOUT_S:g} s; "
+                f"GPU {gpu} did not finish the command within {bound:g} s; "
                 "it stays queued and will still be applied.",
                 500,
             )
 
-        return d.addTimeout(DEVICE_TIMEOUT_S, self._reactor).addErrback(timed_out)
+        return d.addTimeout(bound, self._reactor).addErrback(timed_out)
 
     def when_idle(self) -> "Deferred[Any]":
         """Fires when every queued command has finished (used at shutdown)."""
