@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from ipaddress import ip_address
 from typing import Any, Literal
 
-from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import (
     AdoptedStreamServerEndpoint,
@@ -35,6 +34,7 @@ from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStrea
 from twisted.logger import Logger
 
 from zeusd.errors import StartupError
+from zeusd.lifecycle import OpenedAtStart
 from zeusd.systemd import inherited_sockets
 
 log = Logger()
@@ -338,7 +338,7 @@ def endpoint_for(reactor: Any, spec: ListenerSpec) -> IStreamServerEndpoint:
     return AdoptedStreamServerEndpoint(reactor, _systemd_descriptor(spec), _DOMAINS[spec.domain])
 
 
-class ListenerService(Service):
+class ListenerService(OpenedAtStart):
     """One listening socket, bound at (privileged) start and closed first at stop.
 
     UNIX sockets are bound under a umask that leaves them private until their
@@ -355,17 +355,7 @@ class ListenerService(Service):
         self._owner = owner
         self.port: IListeningPort | None = None
 
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
-        self._listen()
-
-    def startService(self) -> None:
-        self._listen()
-        super().startService()
-
-    def _listen(self) -> None:
-        if self.port is not None:
-            return
+    def open(self) -> None:
         spec = self.spec
         endpoint = endpoint_for(self._reactor, spec)
         if spec.kind == "unix":
@@ -391,7 +381,7 @@ class ListenerService(Service):
     def stopService(self) -> "Deferred[None]":
         super().stopService()
         port, self.port = self.port, None
-        if port is None:
+        if not self.closed() or port is None:
             return succeed(None)
         if self.spec.kind == "systemd" and self.spec.domain == "UNIX":
             # Closing the port would unlink the socket file systemd owns: stop accepting only.

@@ -43,6 +43,7 @@ from zeusd.devices.gpu.service import GpuService
 from zeusd.devices.sampling import CpuPowerSampler, GpuPowerSampler
 from zeusd.errors import StartupError
 from zeusd.groups import ApiGroup
+from zeusd.lifecycle import OpenedAtStart
 from zeusd.listeners import ListenerService
 from zeusd.metrics import DaemonMetrics, LockedClocks, Scraper
 from zeusd.options import DEFAULT_RAPL_ROOTS, ServeConfig
@@ -127,8 +128,8 @@ def discovery_info(config: ServeConfig, gpus: GpuManager | None, cpus: CpuManage
 # The services that are not device services ------------------------------------------
 
 
-class AuthService(Service):
-    """The signing key, read at (privileged) start; verifies tokens for the root resource."""
+class AuthService(OpenedAtStart):
+    """The signing key, read at start (often a root-only file); verifies tokens for the root resource."""
 
     name = "auth"
 
@@ -136,19 +137,10 @@ class AuthService(Service):
         self._key_path = key_path
         self._verifier: Any = None
 
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
-        self._load()
+    def open(self) -> None:
+        from zeusd.auth import TokenVerifier, load_signing_key
 
-    def startService(self) -> None:
-        self._load()
-        super().startService()
-
-    def _load(self) -> None:
-        if self._verifier is None:
-            from zeusd.auth import TokenVerifier, load_signing_key
-
-            self._verifier = TokenVerifier(load_signing_key(self._key_path))
+        self._verifier = TokenVerifier(load_signing_key(self._key_path))
 
     def verify_authorization(self, header: bytes | None) -> Any:
         return self._verifier.verify_authorization(header)

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-from twisted.application.service import Service
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from zeusd.devices.cpu.base import CpuPackage
 from zeusd.devices.cpu.manager import CpuManager, wrap_guard_interval
 from zeusd.errors import StartupError
+from zeusd.lifecycle import OpenedAtStart
 
 log = Logger()
 
 
-class CpuService(Service):
+class CpuService(OpenedAtStart):
     """Discovers the packages and starts their threads at (privileged) start; the
     wraparound guard runs from ``startService`` to ``stopService``.
 
@@ -36,15 +36,9 @@ class CpuService(Service):
         self.manager = manager
         self._discover = discover
         self._missing = missing
-        self._opened = False
         self._guard: LoopingCall | None = None
 
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
-        self._open()
-
     def startService(self) -> None:
-        self._open()
         super().startService()
         zones = [z for p in self.manager.packages.values() for z in p.zones]
         if zones:
@@ -53,22 +47,18 @@ class CpuService(Service):
             guard.clock = self._reactor
             guard.start(interval, now=False).addErrback(lambda f: log.failure("RAPL wraparound guard stopped", f))
 
-    def _open(self) -> None:
-        if self._opened:
-            return
+    def open(self) -> None:
         packages = self._discover()
         if not packages:
             if self._missing is not None:
                 raise StartupError(self._missing)
             log.warn("No RAPL package found: the cpu-read API group answers with no devices.")
         self.manager.open(packages)
-        self._opened = True
 
     def stopService(self) -> None:
         super().stopService()
         guard, self._guard = self._guard, None
         if guard is not None and guard.running:
             guard.stop()
-        if self._opened:
-            self._opened = False
+        if self.closed():
             self.manager.close()

@@ -34,7 +34,6 @@ import sys
 from dataclasses import dataclass, fields
 from typing import Any, Callable
 
-from twisted.application.service import Service
 from twisted.logger import Logger
 
 from zeusd.devices.base import DeviceError
@@ -42,6 +41,7 @@ from zeusd.devices.commands import OUTPUT_GRACE_S, CommandOutcome, Captured, run
 from zeusd.devices.gpu.base import GPU
 from zeusd.devices.gpu.control import OPERATIONS, ControlOperation
 from zeusd.errors import StartupError
+from zeusd.lifecycle import OpenedAtStart
 from zeusd.trust import Untrusted, check_trusted, check_trusted_program
 
 if sys.version_info >= (3, 11):
@@ -285,7 +285,7 @@ def _parse_timeout(table: dict[str, Any]) -> int:
 # The service --------------------------------------------------------------------------
 
 
-class OverridesService(Service):
+class OverridesService(OpenedAtStart):
     """Loads the file at (privileged) start into the table the GPU manager reads.
 
     Started before the GPU service and the listeners, so no command is ever
@@ -298,21 +298,9 @@ class OverridesService(Service):
     def __init__(self, path: str, table: dict[str, CommandOverride]) -> None:
         self._path = path
         self.table = table
-        self._loaded = False
 
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
-        self._load()
-
-    def startService(self) -> None:
-        self._load()
-        super().startService()
-
-    def _load(self) -> None:
-        if self._loaded:
-            return
+    def open(self) -> None:
         self.table.update(load_overrides(self._path))
-        self._loaded = True
         log.info(
             "GPU command overrides from {path}: {names}",
             path=self._path,

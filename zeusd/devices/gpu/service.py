@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from twisted.application.service import Service
 from twisted.internet.defer import Deferred, TimeoutError, inlineCallbacks, succeed
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -12,6 +11,7 @@ from twisted.logger import Logger
 from zeusd.devices.gpu.base import GPUBackend
 from zeusd.devices.gpu.manager import GpuManager
 from zeusd.errors import StartupError
+from zeusd.lifecycle import OpenedAtStart
 
 log = Logger()
 
@@ -19,13 +19,10 @@ log = Logger()
 SHUTDOWN_GRACE_S = 10.0
 
 
-class GpuService(Service):
+class GpuService(OpenedAtStart):
     """Opens the backend (NVML init, or the simulator) and starts the GPU threads.
 
-    Both happen in ``privilegedStartService`` (so a daemon that sheds root
-    later has opened its devices as root, and ``twistd`` has already forked),
-    or in ``startService`` under runners that skip the privileged step
-    (``twist``). Stopping lets every accepted command finish, within
+    Both happen when the service starts (see :class:`OpenedAtStart`). Stopping lets every accepted command finish, within
     :data:`SHUTDOWN_GRACE_S`, before the threads end and the library is shut down.
     """
 
@@ -46,17 +43,7 @@ class GpuService(Service):
         self._grace_s = grace_s
         self._backend: GPUBackend | None = None
 
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
-        self._open()
-
-    def startService(self) -> None:
-        self._open()
-        super().startService()
-
-    def _open(self) -> None:
-        if self._backend is not None:
-            return
+    def open(self) -> None:
         backend = self._open_backend()
         if not backend.gpus:
             if self._required:
@@ -70,7 +57,7 @@ class GpuService(Service):
     def stopService(self) -> "Deferred[None]":
         super().stopService()
         backend, self._backend = self._backend, None
-        if backend is None:
+        if not self.closed() or backend is None:
             return succeed(None)
         if self.manager.idle:
             self._close(backend)
