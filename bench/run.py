@@ -34,7 +34,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import IO, Any, Callable, Sequence
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -240,7 +240,11 @@ class Window:
 
 @dataclass
 class Daemon:
-    """One zeusd subprocess on the stand-in NVML library and the RAPL tree."""
+    """One zeusd subprocess on the stand-in NVML library and the RAPL tree.
+
+    ``command`` and ``spawn`` are the seams bench/compare.py uses to run
+    upstream zeusd and the floors the same way (pinned, in a mount namespace).
+    """
 
     workdir: Path
     fake: FakeNvml
@@ -252,6 +256,11 @@ class Daemon:
     address: str | tuple[str, int] = ""
     startup_s: float = 0.0
     log_path: Path = field(default_factory=Path)
+    enable: str = "gpu-control,gpu-read,cpu-read"
+    main: Sequence[str] = ("-m", "zeusd")  # what the interpreter runs (compare.py: the module probe)
+    ready_path: str = "/discover"  # the first answer start-up waits for
+    ready_poll_s: float = 0.005
+    stop_timeout_s: float = 15.0
 
     @property
     def pid(self) -> int:
@@ -274,49 +283,60 @@ class Daemon:
             f.seek(start)
             return f.read().decode(errors="replace")
 
-    def start(self, timeout: float = 30.0) -> "Daemon":
+    def listen_args(self) -> list[str]:
+        """Pick the address (a socket in workdir, or a free loopback port) and return the listener flags."""
         if self.transport == "unix":
             path = self.workdir / f"{self.name}.sock"
             self.address = str(path)
-            listen = ["--mode", "uds", "--socket-path", str(path)]
-        else:
-            port = free_tcp_port()
-            self.address = ("127.0.0.1", port)
-            listen = ["--mode", "tcp", "--tcp-bind-address", f"127.0.0.1:{port}"]
-        args = [
-            sys.executable, "-m", "zeusd", "serve", *listen,
-            "--enable", "gpu-control,gpu-read,cpu-read",
+            return ["--mode", "uds", "--socket-path", str(path)]
+        port = free_tcp_port()
+        self.address = ("127.0.0.1", port)
+        return ["--mode", "tcp", "--tcp-bind-address", f"127.0.0.1:{port}"]
+
+    def command(self, listen: list[str]) -> list[str]:
+        """The program's argv (bench/compare.py: upstream zeusd, the bare Klein floor)."""
+        return [
+            sys.executable, *self.main, "serve", *listen,
+            "--enable", self.enable,
             "--rapl-root", str(self.rapl_root),
             "--gpu-power-poll-hz", str(POLL_HZ),
             *self.extra_args,
         ]  # fmt: skip
-        env = {**os.environ, **self.fake.env(), "ZEUSD_LOG_LEVEL": "info", "PYTHONUNBUFFERED": "1"}
-        self.log_path = self.workdir / f"{self.name}.log"
-        log = open(self.log_path, "ab")
+
+    def spawn(self, args: list[str], env: dict[str, str], log: IO[bytes]) -> float:
+        """Start the process; return the monotonic time start-up is counted from (here: the spawn)."""
         t0 = time.monotonic()
         self.process = subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        log.close()
+        return t0
+
+    def start(self, timeout: float = 30.0) -> "Daemon":
+        args = self.command(self.listen_args())
+        env = {**os.environ, **self.fake.env(), "ZEUSD_LOG_LEVEL": "info", "PYTHONUNBUFFERED": "1"}
+        self.log_path = self.workdir / f"{self.name}.log"
+        with open(self.log_path, "ab") as log:
+            t0 = self.spawn(args, env, log)
+        assert self.process is not None
         deadline = t0 + timeout
         while True:
             if self.process.poll() is not None:
-                raise RuntimeError(f"zeusd exited with {self.process.returncode}:\n{self.log_text()[-4000:]}")
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.log_text()[-4000:]}")
             try:
-                if http_get(self.address, "/discover") == 200:
+                if http_get(self.address, self.ready_path) == 200:
                     self.startup_s = time.monotonic() - t0
                     return self
             except OSError:
                 pass
             if time.monotonic() > deadline:
                 self.stop()
-                raise TimeoutError(f"zeusd did not answer /discover in {timeout} s:\n{self.log_text()[-4000:]}")
-            time.sleep(0.005)
+                raise TimeoutError(f"{self.name} did not answer {self.ready_path} in {timeout} s:\n{self.log_text()[-4000:]}")
+            time.sleep(self.ready_poll_s)
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
             return
         self.process.send_signal(signal.SIGTERM)
         try:
-            self.process.wait(15)
+            self.process.wait(self.stop_timeout_s)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
@@ -487,11 +507,14 @@ def scenario_idle(d: Daemon, seconds: float) -> dict[str, Any]:
     return r
 
 
-def latency_one(d: Daemon, name: str, plan: Plan) -> dict[str, Any]:
+def latency_one(d: Daemon, name: str, plan: Plan, count: int = 0) -> dict[str, Any]:
+    """One keep-alive connection, closed loop, for plan.latency_s (and at most ``count`` requests when > 0)."""
     method, path, path2 = ENDPOINTS[name]
     args = [*d.target_args(), "--conns", "1", "--method", method, "--path", path]
     if path2:
         args += ["--path2", path2]
+    if count > 0:
+        args += ["--count", str(count)]
     args += ["--duration", str(plan.latency_s), "--warmup", str(plan.latency_warmup_s)]
     w = Window(d).start()
     r = loadgen("http", *args)
