@@ -56,14 +56,20 @@ from bench.run import (  # noqa: E402
     POLL_HZ,
     Daemon,
     Plan,
+    Section,
     Window,
     build_loadgen,
     cpu_model,
     http_get,
     latency_one,
     loadgen,
+    markdown_lines,
+    markdown_source,
+    output_arguments,
+    save_result,
     scenario_idle,
     scenario_stream,
+    text_lines,
 )
 from tests.fakenvml import FakeNvml, build_library  # noqa: E402
 from tests.rapl_tree import RaplTree  # noqa: E402
@@ -75,6 +81,7 @@ MODULE_PROBE = BENCH / "module_probe.py"
 WOBBLE_MW = 1000
 SYS_POWERCAP = Path("/sys/class/powercap")  # upstream's fixed RAPL path (src/devices/cpu/rapl.rs)
 ENV_RAPL = "ZEUSD_BENCH_RAPL"
+PREFIX = "compare-"  # result files: bench/results/compare-<timestamp>.json, compare-latest.json
 ALL_GROUPS = "gpu-control,gpu-read,cpu-read"
 GPU_GROUPS = "gpu-control,gpu-read"
 
@@ -603,9 +610,9 @@ def by_category(modules: Sequence[str]) -> str:
     return "; ".join(parts)
 
 
-def tables(result: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
+def tables(result: dict[str, Any]) -> list[Section]:
     reps = result["meta"]["plan"]["reps"]
-    out: list[tuple[str, list[str], list[list[str]]]] = []
+    out: list[Section] = []
     out.append((f"Ours vs upstream zeusd v{UPSTREAM_VERSION} (median of {reps} alternated runs each)",
                 ["figure", "ours", f"upstream v{UPSTREAM_VERSION}", "ours/upstream", "issue 18 target"],
                 [[f["label"], _v(f["ours"], f["unit"]), _v(f["upstream"], f["unit"]), _ratio(f["ratio"], f["max_ratio"]),
@@ -636,20 +643,11 @@ def meta_line(meta: dict[str, Any]) -> str:
 
 
 def render_text(result: dict[str, Any]) -> str:
-    lines = ["zeusd compare " + meta_line(result["meta"])]
-    for title, header, rows in tables(result):
-        widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-        lines += ["", title, "  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
-        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    return "\n".join(lines)
+    return "\n".join(["zeusd compare " + meta_line(result["meta"]), *text_lines(tables(result))])
 
 
 def render_markdown(result: dict[str, Any]) -> str:
-    lines = ["Run " + meta_line(result["meta"])]
-    for title, header, rows in tables(result):
-        lines += ["", f"**{title}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
-    return "\n".join(lines)
+    return "\n".join(["Run " + meta_line(result["meta"]), *markdown_lines(tables(result))])
 
 
 # --------------------------------------------------------------------------- main
@@ -710,29 +708,15 @@ def run_compare(plan: ComparePlan, upstream: Path, log: Callable[[str], None]) -
             "floors": floor_figures(runs, starts, imports), "modules": analysis_out, "imports": imports}  # fmt: skip
 
 
-def write_result(result: dict[str, Any], out: Path) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S") + ("-quick" if result["meta"]["quick"] else "")
-    text = json.dumps(result, indent=2) + "\n"
-    path = out / f"compare-{stamp}.json"
-    path.write_text(text)
-    tmp = out / "compare-latest.json.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, out / "compare-latest.json")
-    return path
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--upstream-binary", type=Path, default=DEFAULT_UPSTREAM, help=f"upstream zeusd v{UPSTREAM_VERSION}")
     parser.add_argument("--quick", action="store_true", help="every scenario once with tiny windows (smoke test)")
-    parser.add_argument("--out", type=Path, default=BENCH / "results", help="directory for compare-<timestamp>.json")
-    parser.add_argument("--markdown", type=Path, nargs="?", const=Path("-"), metavar="JSON",
-                        help="print a result's tables as markdown (default <out>/compare-latest.json) and exit")  # fmt: skip
+    output_arguments(parser, PREFIX)
     args = parser.parse_args(argv)
-    if args.markdown is not None:
-        path = args.out / "compare-latest.json" if str(args.markdown) == "-" else args.markdown
-        print(render_markdown(json.loads(path.read_text())))
+    source = markdown_source(args, PREFIX)
+    if source is not None:
+        print(render_markdown(json.loads(source.read_text())))
         return 0
     if not os.access(args.upstream_binary, os.X_OK):
         print(f"compare: no upstream zeusd at {args.upstream_binary}; `make bench-compare` builds it with "
@@ -747,9 +731,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[compare] {msg}", file=sys.stderr, flush=True)
 
     result = run_compare(ComparePlan.make(args.quick), args.upstream_binary.resolve(), log)
-    path = write_result(result, args.out)
+    path = save_result(result, args.out, PREFIX)
     print(render_text(result))
-    print(f"\nwritten: {path} and {args.out / 'compare-latest.json'}")
+    print(f"\nwritten: {path} and {args.out / (PREFIX + 'latest.json')}")
     return 0
 
 

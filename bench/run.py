@@ -779,31 +779,40 @@ def tables(result: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]
     return out
 
 
-def render_text(result: dict[str, Any]) -> str:
+Section = tuple[str, list[str], list[list[str]]]  # (title, header, rows)
+
+
+def text_lines(sections: Sequence[Section]) -> list[str]:
+    """Aligned plain-text tables (bench/compare.py prints its sections with this too)."""
     lines = []
-    meta = result["meta"]
-    lines.append(f"zeusd benchmarks {meta['timestamp']}  {'QUICK (numbers meaningless)' if meta['quick'] else 'full'}  "
-                 f"{meta['cpus']} CPUs, load {meta['loadavg_start']:.2f} -> {meta['loadavg_end']:.2f}, {meta['runtime_s']:.1f} s")  # fmt: skip
-    for title, header, rows in tables(result):
+    for title, header, rows in sections:
         widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-        lines.append("")
-        lines.append(title)
-        lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
-        lines.append("  ".join("-" * w for w in widths))
-        for r in rows:
-            lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)))
-    return "\n".join(lines)
+        lines += ["", title, "  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    return lines
+
+
+def markdown_lines(sections: Sequence[Section]) -> list[str]:
+    lines = []
+    for title, header, rows in sections:
+        lines += ["", f"**{title}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
+    return lines
+
+
+def render_text(result: dict[str, Any]) -> str:
+    meta = result["meta"]
+    head = (f"zeusd benchmarks {meta['timestamp']}  {'QUICK (numbers meaningless)' if meta['quick'] else 'full'}  "
+            f"{meta['cpus']} CPUs, load {meta['loadavg_start']:.2f} -> {meta['loadavg_end']:.2f}, {meta['runtime_s']:.1f} s")  # fmt: skip
+    return "\n".join([head, *text_lines(tables(result))])
 
 
 def render_markdown(result: dict[str, Any]) -> str:
     meta = result["meta"]
-    lines = [f"Run {meta['timestamp']} ({'quick' if meta['quick'] else 'full'}), {meta['cpus']} CPUs "
-             f"({meta['cpu_model']}), load average {meta['loadavg_start']:.2f} at start, {meta['loadavg_end']:.2f} at end, "
-             f"{meta['runtime_s']:.0f} s."]  # fmt: skip
-    for title, header, rows in tables(result):
-        lines += ["", f"**{title}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
-    return "\n".join(lines)
+    head = (f"Run {meta['timestamp']} ({'quick' if meta['quick'] else 'full'}), {meta['cpus']} CPUs "
+            f"({meta['cpu_model']}), load average {meta['loadavg_start']:.2f} at start, {meta['loadavg_end']:.2f} at end, "
+            f"{meta['runtime_s']:.0f} s.")  # fmt: skip
+    return "\n".join([head, *markdown_lines(tables(result))])
 
 
 def cpu_model() -> str:
@@ -891,19 +900,44 @@ def run(plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
     return result
 
 
+def output_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    """--out and --markdown, shared with bench/compare.py (whose files are named compare-*.json)."""
+    parser.add_argument("--out", type=Path, default=BENCH / "results", help=f"directory for {prefix}<timestamp>.json and {prefix}latest.json")
+    parser.add_argument("--markdown", type=Path, nargs="?", const=Path("-"), metavar="JSON",
+                        help=f"print the tables of a result file (default: <out>/{prefix}latest.json) as markdown and exit")  # fmt: skip
+
+
+def markdown_source(args: argparse.Namespace, prefix: str = "") -> Path | None:
+    """The result file --markdown asked for (None: it was not given)."""
+    if args.markdown is None:
+        return None
+    return Path(args.out / f"{prefix}latest.json" if str(args.markdown) == "-" else args.markdown)
+
+
+def save_result(result: dict[str, Any], out: Path, prefix: str = "") -> Path:
+    """<out>/<prefix><timestamp>.json, and <prefix>latest.json replaced atomically; returns the first."""
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S") + ("-quick" if result["meta"]["quick"] else "")
+    text = json.dumps(result, indent=2, sort_keys=False) + "\n"
+    path = out / f"{prefix}{stamp}.json"
+    path.write_text(text)
+    tmp = out / f"{prefix}latest.json.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, out / f"{prefix}latest.json")
+    return path
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="every scenario with tiny counts (seconds; for the smoke test)")
-    parser.add_argument("--out", type=Path, default=BENCH / "results", help="directory for <timestamp>.json and latest.json")
-    parser.add_argument("--markdown", type=Path, nargs="?", const=Path("-"), metavar="JSON",
-                        help="print the measured tables of a result file (default: <out>/latest.json) as markdown and exit")  # fmt: skip
+    output_arguments(parser)
     parser.add_argument("--stall-seconds", type=float, default=None,
                         help="length of the stalled-subscriber window (default 90, quick 1)")  # fmt: skip
     args = parser.parse_args(argv)
 
-    if args.markdown is not None:
-        path = args.out / "latest.json" if str(args.markdown) == "-" else args.markdown
-        print(render_markdown(json.loads(path.read_text())))
+    source = markdown_source(args)
+    if source is not None:
+        print(render_markdown(json.loads(source.read_text())))
         return 0
 
     def log(msg: str) -> None:
@@ -913,15 +947,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.stall_seconds is not None:
         plan = dataclasses.replace(plan, stall_s=args.stall_seconds)
     result = run(plan, log)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else "")
-    text = json.dumps(result, indent=2, sort_keys=False)
-    (args.out / f"{stamp}.json").write_text(text + "\n")
-    tmp = args.out / "latest.json.tmp"
-    tmp.write_text(text + "\n")
-    os.replace(tmp, args.out / "latest.json")
+    path = save_result(result, args.out)
     print(render_text(result))
-    print(f"\nwritten: {args.out / (stamp + '.json')} and {args.out / 'latest.json'}")
+    print(f"\nwritten: {path} and {args.out / 'latest.json'}")
     return 0
 
 
