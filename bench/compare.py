@@ -209,7 +209,7 @@ class ComparePlan:
     def make(cls, quick: bool) -> "ComparePlan":
         if quick:
             return cls(True, 1, 0.3, 0.3, 0.0, 10, 0.6, 1000, 0.3, 0.3, 0.5, 1)
-        return cls(False, 3, 3.0, 3.0, 0.5, 100, 10.0, 1000, 1.0, 1.0, 5.0, 6)
+        return cls(False, 3, 3.0, 3.0, 0.5, 100, 10.0, 1000, 1.0, 1.0, 5.0, 12)
 
     def run_plan(self) -> Plan:
         """bench/run.py's plan with these windows (its scenario functions read them)."""
@@ -219,23 +219,24 @@ class ComparePlan:
 
 OURS, UPSTREAM, KLEIN = "ours", "upstream", "klein"
 
-# scenario: (transport, contestants)
-SCENARIOS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "idle": ("unix", (OURS, UPSTREAM, KLEIN)),
-    "idle_tcp": ("tcp", (OURS, UPSTREAM, KLEIN)),
-    "discover": ("unix", (OURS, UPSTREAM)),
-    "gpu_get_power": ("unix", (OURS, UPSTREAM)),
-    "gpu_set_power_limit": ("unix", (OURS, UPSTREAM)),
-    "stream": ("unix", (OURS, UPSTREAM)),
-    "idle_after_stream": ("unix", (OURS, UPSTREAM)),
-    "idle_after_stream_constant": ("unix", (OURS, UPSTREAM)),
+# scenario: (transport, contestants, repetitions per plan repetition)
+SCENARIOS: dict[str, tuple[str, tuple[str, ...], int]] = {
+    "idle": ("unix", (OURS, UPSTREAM, KLEIN), 1),
+    "idle_tcp": ("tcp", (OURS, UPSTREAM, KLEIN), 1),
+    "startup": ("unix", (OURS, UPSTREAM, KLEIN), 4),  # start-up is noisy: more samples, nothing else
+    "discover": ("unix", (OURS, UPSTREAM), 1),
+    "gpu_get_power": ("unix", (OURS, UPSTREAM), 1),
+    "gpu_set_power_limit": ("unix", (OURS, UPSTREAM), 1),
+    "stream": ("unix", (OURS, UPSTREAM), 1),
+    "idle_after_stream": ("unix", (OURS, UPSTREAM), 1),
+    "idle_after_stream_constant": ("unix", (OURS, UPSTREAM), 1),
 }
 
 
-def interleave(scenarios: dict[str, tuple[str, tuple[str, ...]]], reps: int) -> Iterator[tuple[str, int, str]]:
+def interleave(scenarios: dict[str, tuple[str, tuple[str, ...], int]], reps: int) -> Iterator[tuple[str, int, str]]:
     """(scenario, repetition, contestant): per scenario, the contestants' order rotates each repetition."""
-    for name, (_, who) in scenarios.items():
-        for rep in range(reps):
+    for name, (_, who, repeat) in scenarios.items():
+        for rep in range(reps * repeat):
             k = rep % len(who)
             for contestant in (*who[k:], *who[:k]):
                 yield name, rep, contestant
@@ -270,6 +271,7 @@ def idle_after_stream(d: Daemon, ctx: Context, wobble_mw: int) -> dict[str, Any]
 SCENARIO_RUN: dict[str, Callable[[Daemon, Context], dict[str, Any]]] = {
     "idle": lambda d, c: scenario_idle(d, c.plan.idle_s),
     "idle_tcp": lambda d, c: scenario_idle(d, c.plan.idle_s),
+    "startup": lambda d, c: {"startup_s": d.startup_s},  # counted with every start, as for all scenarios
     "discover": lambda d, c: latency_one(d, "discover", c.plan.run_plan()),
     "gpu_get_power": lambda d, c: latency_one(d, "gpu_get_power", c.plan.run_plan(), c.plan.get_power_count),
     "gpu_set_power_limit": lambda d, c: latency_one(d, "gpu_set_power_limit", c.plan.run_plan()),

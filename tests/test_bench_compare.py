@@ -51,11 +51,11 @@ COMPARE = REPO / "bench" / "compare.py"
 
 
 def test_interleave_rotates_the_contestants_each_repetition() -> None:
-    schedule = list(interleave({"a": ("unix", ("x", "y")), "b": ("tcp", ("x", "y", "z"))}, 3))
+    schedule = list(interleave({"a": ("unix", ("x", "y"), 1), "b": ("tcp", ("x", "y", "z"), 1), "c": ("unix", ("x", "y"), 2)}, 2))
     assert schedule == [
-        ("a", 0, "x"), ("a", 0, "y"), ("a", 1, "y"), ("a", 1, "x"), ("a", 2, "x"), ("a", 2, "y"),
+        ("a", 0, "x"), ("a", 0, "y"), ("a", 1, "y"), ("a", 1, "x"),
         ("b", 0, "x"), ("b", 0, "y"), ("b", 0, "z"), ("b", 1, "y"), ("b", 1, "z"), ("b", 1, "x"),
-        ("b", 2, "z"), ("b", 2, "x"), ("b", 2, "y"),
+        ("c", 0, "x"), ("c", 0, "y"), ("c", 1, "y"), ("c", 1, "x"), ("c", 2, "x"), ("c", 2, "y"), ("c", 3, "y"), ("c", 3, "x"),
     ]  # fmt: skip
 
 
