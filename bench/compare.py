@@ -319,9 +319,10 @@ class Contestants:
 # What a daemon serving GPUs and RAPL over HTTP without TLS, metrics, auth or
 # --simulate does not use: category -> (why, module name prefixes).
 UNUSED: dict[str, tuple[str, tuple[str, ...]]] = {
-    "tls": ("no --tls-cert", ("ssl", "_ssl", "OpenSSL", "cryptography", "_cffi_backend", "service_identity", "idna",
+    "tls": ("no --tls-cert", ("ssl", "_ssl", "OpenSSL", "cryptography", "_cffi_backend", "_openssl", "service_identity",
                               "pyasn1", "pyasn1_modules", "twisted.internet.ssl", "twisted.internet._sslverify",
-                              "twisted.internet._idna")),
+                              "twisted.internet._newtls", "twisted.protocols.tls", "twisted.protocols._tls_legacy",
+                              "twisted.protocols._sni")),
     "metrics": ("metrics group not enabled", ("prometheus_client", "zeusd.metrics", "zeusd.web.metrics")),
     "auth": ("no --signing-key-path", ("jwt", "zeusd.auth")),
     "client": ("serving only (no client, watch or power command)",
@@ -458,48 +459,72 @@ def probe_modules(c: Contestants) -> tuple[list[str], str, list[str]]:
     return out.read_text().split(), d.log_text(), so
 
 
-# Imports each named module (in the daemon's order) and says "imported" before
-# the interpreter tears down; __import__ needs no import of its own.
+# Imports each named module (in the daemon's order), as if the packages named
+# in argv[3] were not installed, and says "imported <failures>" before the
+# interpreter tears down. __import__ needs no import of its own.
 REPLAY = """import sys
+hidden = tuple(p for p in sys.argv[3].split(",") if p)
+class Hide:
+    def find_spec(self, name, path=None, target=None):
+        if any(name == p or name.startswith(p + ".") for p in hidden):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Hide())
+failed = 0
 for name in open(sys.argv[1]).read().split():
     try:
         __import__(name)
     except Exception:
-        pass
+        failed += 1
 open(sys.argv[2], "w").write("\\n".join(sys.modules))
-print("imported", flush=True)
+print("imported", failed, flush=True)
 """
 
 
-def time_imports(workdir: Path, names: Sequence[str], label: str, cpus: frozenset[int]) -> tuple[float, list[str]]:
-    """Spawn to "imported" of a fresh interpreter importing ``names``; and what it loaded."""
+@dataclass(frozen=True)
+class Replay:
+    """One set of modules to import in a fresh interpreter, optionally with some packages hidden."""
+
+    names: Sequence[str]
+    hidden: Sequence[str] = ()
+
+
+def time_imports(workdir: Path, replay: Replay, label: str, cpus: frozenset[int]) -> tuple[float, int, list[str]]:
+    """Spawn to "imported" of a fresh interpreter importing the set; the names that failed; what it loaded."""
     src, loaded = workdir / f"import-{label}.txt", workdir / f"import-{label}.loaded"
-    src.write_text("\n".join(names) + "\n")
+    src.write_text("\n".join(replay.names) + "\n")
     t0 = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-c", REPLAY, str(src), str(loaded)], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, preexec_fn=pin_to(cpus), cwd=workdir)  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-c", REPLAY, str(src), str(loaded), ",".join(replay.hidden)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, preexec_fn=pin_to(cpus), cwd=workdir)  # fmt: skip
     assert proc.stdout is not None
-    line = proc.stdout.readline()
+    line = proc.stdout.readline().split()
     elapsed = time.monotonic() - t0
     proc.wait(30)
-    if line.strip() != b"imported":
+    if len(line) != 2 or line[0] != b"imported":
         raise RuntimeError(f"import replay {label} failed ({proc.returncode})")
-    return elapsed, loaded.read_text().split()
+    return elapsed, int(line[1]), loaded.read_text().split()
 
 
 def import_floor(c: Contestants, analysis: dict[str, Any], runs: int) -> dict[str, Any]:
-    """Interpreter start alone; the stack modules the daemon needs; those plus zeusd's own (alternated)."""
-    sets = {"interpreter": [], "stack": analysis["needed_stack"], "needed": analysis["needed"]}
+    """Interpreter start alone; the stack modules the daemon needs (also with the TLS packages hidden, as if
+    not installed: Twisted imports them whenever they are); those plus zeusd's own. Alternated."""
+    sets = {
+        "interpreter": Replay([]),
+        "stack": Replay(analysis["needed_stack"]),
+        "stack_without_tls": Replay(analysis["needed_stack"], UNUSED["tls"][1]),
+        "needed": Replay(analysis["needed"]),
+    }
     times: dict[str, list[float]] = {k: [] for k in sets}
+    failed: dict[str, int] = {}
     loaded: dict[str, list[str]] = {}
     for i in range(runs):
         for label in (list(sets) if i % 2 == 0 else list(reversed(sets))):
-            t, loaded[label] = time_imports(c.workdir, sets[label], label, c.pinning.daemon)
+            t, failed[label], loaded[label] = time_imports(c.workdir, sets[label], label, c.pinning.daemon)
             times[label].append(t)
     out: dict[str, Any] = {}
-    for label in sets:
+    for label, replay in sets.items():
         dragged = sorted(n for n in loaded[label] if unused_category(n) is not None)
-        out[label] = {"modules": len(sets[label]), "samples_s": times[label], "median_s": statistics.median(times[label]),
+        out[label] = {"modules": len(replay.names), "hidden": list(replay.hidden), "failed": failed[label],
+                      "samples_s": times[label], "median_s": statistics.median(times[label]),
                       "unused_loaded_anyway": dragged}  # fmt: skip
     return out
 
@@ -575,6 +600,8 @@ def floor_figures(runs: dict[str, dict[str, list[dict[str, Any]]]], starts: dict
          imports["stack"]["median_s"], 1.5),
         ("startup_vs_needed", "start-up (UDS) vs importing those plus zeusd's own", "s", start(OURS, "unix"),
          imports["needed"]["median_s"], None),
+        ("startup_vs_imports_no_tls", "start-up (UDS) vs importing the stack modules, TLS packages hidden", "s",
+         start(OURS, "unix"), imports["stack_without_tls"]["median_s"], None),
         ("startup_vs_klein", "start-up (UDS) vs bare Twisted + Klein start-up", "s", start(OURS, "unix"), start(KLEIN, "unix"), None),
         ("startup_tcp_vs_klein", "start-up (TCP) vs bare Twisted + Klein start-up", "s", start(OURS, "tcp"), start(KLEIN, "tcp"), None),
         ("interpreter", "interpreter start alone (python -c)", "s", None, imports["interpreter"]["median_s"], None),
@@ -628,8 +655,9 @@ def tables(result: dict[str, Any]) -> list[Section]:
     out.append((f"Modules a running daemon holds that its configuration does not use ({m['unused_total']} of {m['loaded']})",
                 ["category", "why unused", "modules", "import ms (-X importtime)", "first imported as <- by"], rows))  # fmt: skip
     imp = result["imports"]
-    out.append(("Import floor (fresh interpreter, pinned like the daemon)", ["set", "modules", "median", "unused loaded anyway"],
-                [[k, str(v["modules"]), _v(v["median_s"], "s"), by_category(v["unused_loaded_anyway"])]
+    out.append(("Import floor (fresh interpreter, pinned like the daemon)",
+                ["set", "modules", "failed to import", "median", "unused loaded anyway"],
+                [[k, str(v["modules"]), str(v["failed"]), _v(v["median_s"], "s"), by_category(v["unused_loaded_anyway"])]
                  for k, v in imp.items()]))  # fmt: skip
     out.append(("Import time by package (-X importtime, self time summed)", ["package", "ms"],
                 [[k, _v(v)] for k, v in m["importtime_by_package_ms"].items()] + [["total", _v(m["importtime_total_ms"])]]))

@@ -121,7 +121,7 @@ def test_figures_are_medians_and_ratios_ours_over_upstream() -> None:
     assert by_key["get_power_p50"]["ratio"] == pytest.approx(0.04)
     assert by_key["idle_reads_constant"]["upstream"] == 40 and by_key["idle_reads_constant"]["ratio"] is None
     assert by_key["startup"]["ours"] == 0.8 and by_key["startup"]["ratio"] == pytest.approx(80.0)
-    imports = {"interpreter": {"median_s": 0.05}, "stack": {"median_s": 0.4}, "needed": {"median_s": 0.5}}
+    imports = {k: {"median_s": v} for k, v in (("interpreter", 0.05), ("stack", 0.4), ("stack_without_tls", 0.3), ("needed", 0.5))}
     floors = {f["key"]: f for f in floor_figures(runs, starts, imports)}
     assert floors["rss_idle_uds"]["ratio"] == pytest.approx(1.2) and floors["rss_idle_tcp"]["floor"] == 48
     assert floors["startup_vs_imports"]["ratio"] == pytest.approx(2.0)
