@@ -328,7 +328,7 @@ UNUSED: dict[str, tuple[str, tuple[str, ...]]] = {
     "client": ("serving only (no client, watch or power command)",
                ("zeusd.client", "zeusd.watch", "treq", "twisted.web.client", "http.client", "http.cookiejar",
                 "urllib.request", "requests", "httpx")),
-    "amd": ("NVIDIA GPUs only", ("amdsmi", "pyrsmi", "zeusd.devices.gpu.amd")),
+    "amd": ("NVIDIA GPUs only", ("amdsmi", "pyrsmi", "zeusd.devices.gpu.amdsmi")),  # the AMD backend on main
     "simulate": ("no --simulate", ("zeusd.devices.gpu.simulated", "zeusd.devices.cpu.simulated")),
 }  # fmt: skip
 
