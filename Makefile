@@ -9,7 +9,7 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q -e '.[test]'
 	touch $@
 
-.PHONY: serve test zeus-clients system-packages bench
+.PHONY: serve test zeus-clients system-packages bench bench-compare
 # The official Zeus clients for tests/test_zeus_compat.py; the script skips a venv that is already right.
 zeus-clients:  ## .venv-zeus-0.15 (zeus 0.15.1) and .venv-zeus-0.16 (zeus 0.16.0)
 	PYTHON=$(PYTHON) bash tests/zeus_clients/setup_venvs.sh
@@ -28,3 +28,20 @@ test: $(VENV)/.installed zeus-clients system-packages  ## type checks, then the 
 
 bench: $(VENV)/.installed  ## benchmarks on the stand-in NVML library; results in bench/results/
 	$(VENV)/bin/python bench/run.py
+
+# Upstream zeusd v0.4.0 from crates.io, for the side-by-side benchmark. Built once; delete bench/build/upstream to rebuild.
+UPSTREAM_ROOT ?= bench/build/upstream
+UPSTREAM_ZEUSD = $(UPSTREAM_ROOT)/bin/zeusd
+CARGO ?= $(shell command -v cargo 2>/dev/null || echo $(HOME)/.cargo/bin/cargo)
+
+$(UPSTREAM_ZEUSD):
+	@if [ ! -x "$(CARGO)" ]; then \
+	  echo "bench-compare: cargo is missing (not on PATH, not at $(CARGO))." >&2; \
+	  echo "  It builds upstream zeusd v0.4.0: cargo install zeusd --version 0.4.0 --root $(UPSTREAM_ROOT)" >&2; \
+	  echo "  Install Rust (https://rustup.rs) or run: make bench-compare CARGO=/path/to/cargo" >&2; \
+	  exit 1; \
+	fi
+	$(CARGO) install zeusd --version 0.4.0 --root $(UPSTREAM_ROOT)
+
+bench-compare: $(VENV)/.installed $(UPSTREAM_ZEUSD)  ## ours vs upstream zeusd v0.4.0 and the floors; results in bench/results/
+	$(VENV)/bin/python bench/compare.py --upstream-binary $(UPSTREAM_ZEUSD)

@@ -34,7 +34,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import IO, Any, Callable, Sequence
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -240,7 +240,11 @@ class Window:
 
 @dataclass
 class Daemon:
-    """One zeusd subprocess on the stand-in NVML library and the RAPL tree."""
+    """One zeusd subprocess on the stand-in NVML library and the RAPL tree.
+
+    ``command`` and ``spawn`` are the seams bench/compare.py uses to run
+    upstream zeusd and the floors the same way (pinned, in a mount namespace).
+    """
 
     workdir: Path
     fake: FakeNvml
@@ -252,6 +256,11 @@ class Daemon:
     address: str | tuple[str, int] = ""
     startup_s: float = 0.0
     log_path: Path = field(default_factory=Path)
+    enable: str = "gpu-control,gpu-read,cpu-read"
+    main: Sequence[str] = ("-m", "zeusd")  # what the interpreter runs (compare.py: the module probe)
+    ready_path: str = "/discover"  # the first answer start-up waits for
+    ready_poll_s: float = 0.005
+    stop_timeout_s: float = 15.0
 
     @property
     def pid(self) -> int:
@@ -274,49 +283,60 @@ class Daemon:
             f.seek(start)
             return f.read().decode(errors="replace")
 
-    def start(self, timeout: float = 30.0) -> "Daemon":
+    def listen_args(self) -> list[str]:
+        """Pick the address (a socket in workdir, or a free loopback port) and return the listener flags."""
         if self.transport == "unix":
             path = self.workdir / f"{self.name}.sock"
             self.address = str(path)
-            listen = ["--mode", "uds", "--socket-path", str(path)]
-        else:
-            port = free_tcp_port()
-            self.address = ("127.0.0.1", port)
-            listen = ["--mode", "tcp", "--tcp-bind-address", f"127.0.0.1:{port}"]
-        args = [
-            sys.executable, "-m", "zeusd", "serve", *listen,
-            "--enable", "gpu-control,gpu-read,cpu-read",
+            return ["--mode", "uds", "--socket-path", str(path)]
+        port = free_tcp_port()
+        self.address = ("127.0.0.1", port)
+        return ["--mode", "tcp", "--tcp-bind-address", f"127.0.0.1:{port}"]
+
+    def command(self, listen: list[str]) -> list[str]:
+        """The program's argv (bench/compare.py: upstream zeusd, the bare Klein floor)."""
+        return [
+            sys.executable, *self.main, "serve", *listen,
+            "--enable", self.enable,
             "--rapl-root", str(self.rapl_root),
             "--gpu-power-poll-hz", str(POLL_HZ),
             *self.extra_args,
         ]  # fmt: skip
-        env = {**os.environ, **self.fake.env(), "ZEUSD_LOG_LEVEL": "info", "PYTHONUNBUFFERED": "1"}
-        self.log_path = self.workdir / f"{self.name}.log"
-        log = open(self.log_path, "ab")
+
+    def spawn(self, args: list[str], env: dict[str, str], log: IO[bytes]) -> float:
+        """Start the process; return the monotonic time start-up is counted from (here: the spawn)."""
         t0 = time.monotonic()
         self.process = subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        log.close()
+        return t0
+
+    def start(self, timeout: float = 30.0) -> "Daemon":
+        args = self.command(self.listen_args())
+        env = {**os.environ, **self.fake.env(), "ZEUSD_LOG_LEVEL": "info", "PYTHONUNBUFFERED": "1"}
+        self.log_path = self.workdir / f"{self.name}.log"
+        with open(self.log_path, "ab") as log:
+            t0 = self.spawn(args, env, log)
+        assert self.process is not None
         deadline = t0 + timeout
         while True:
             if self.process.poll() is not None:
-                raise RuntimeError(f"zeusd exited with {self.process.returncode}:\n{self.log_text()[-4000:]}")
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.log_text()[-4000:]}")
             try:
-                if http_get(self.address, "/discover") == 200:
+                if http_get(self.address, self.ready_path) == 200:
                     self.startup_s = time.monotonic() - t0
                     return self
             except OSError:
                 pass
             if time.monotonic() > deadline:
                 self.stop()
-                raise TimeoutError(f"zeusd did not answer /discover in {timeout} s:\n{self.log_text()[-4000:]}")
-            time.sleep(0.005)
+                raise TimeoutError(f"{self.name} did not answer {self.ready_path} in {timeout} s:\n{self.log_text()[-4000:]}")
+            time.sleep(self.ready_poll_s)
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
             return
         self.process.send_signal(signal.SIGTERM)
         try:
-            self.process.wait(15)
+            self.process.wait(self.stop_timeout_s)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
@@ -487,11 +507,14 @@ def scenario_idle(d: Daemon, seconds: float) -> dict[str, Any]:
     return r
 
 
-def latency_one(d: Daemon, name: str, plan: Plan) -> dict[str, Any]:
+def latency_one(d: Daemon, name: str, plan: Plan, count: int = 0) -> dict[str, Any]:
+    """One keep-alive connection, closed loop, for plan.latency_s (and at most ``count`` requests when > 0)."""
     method, path, path2 = ENDPOINTS[name]
     args = [*d.target_args(), "--conns", "1", "--method", method, "--path", path]
     if path2:
         args += ["--path2", path2]
+    if count > 0:
+        args += ["--count", str(count)]
     args += ["--duration", str(plan.latency_s), "--warmup", str(plan.latency_warmup_s)]
     w = Window(d).start()
     r = loadgen("http", *args)
@@ -756,31 +779,40 @@ def tables(result: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]
     return out
 
 
-def render_text(result: dict[str, Any]) -> str:
+Section = tuple[str, list[str], list[list[str]]]  # (title, header, rows)
+
+
+def text_lines(sections: Sequence[Section]) -> list[str]:
+    """Aligned plain-text tables (bench/compare.py prints its sections with this too)."""
     lines = []
-    meta = result["meta"]
-    lines.append(f"zeusd benchmarks {meta['timestamp']}  {'QUICK (numbers meaningless)' if meta['quick'] else 'full'}  "
-                 f"{meta['cpus']} CPUs, load {meta['loadavg_start']:.2f} -> {meta['loadavg_end']:.2f}, {meta['runtime_s']:.1f} s")  # fmt: skip
-    for title, header, rows in tables(result):
+    for title, header, rows in sections:
         widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-        lines.append("")
-        lines.append(title)
-        lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
-        lines.append("  ".join("-" * w for w in widths))
-        for r in rows:
-            lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)))
-    return "\n".join(lines)
+        lines += ["", title, "  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    return lines
+
+
+def markdown_lines(sections: Sequence[Section]) -> list[str]:
+    lines = []
+    for title, header, rows in sections:
+        lines += ["", f"**{title}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
+    return lines
+
+
+def render_text(result: dict[str, Any]) -> str:
+    meta = result["meta"]
+    head = (f"zeusd benchmarks {meta['timestamp']}  {'QUICK (numbers meaningless)' if meta['quick'] else 'full'}  "
+            f"{meta['cpus']} CPUs, load {meta['loadavg_start']:.2f} -> {meta['loadavg_end']:.2f}, {meta['runtime_s']:.1f} s")  # fmt: skip
+    return "\n".join([head, *text_lines(tables(result))])
 
 
 def render_markdown(result: dict[str, Any]) -> str:
     meta = result["meta"]
-    lines = [f"Run {meta['timestamp']} ({'quick' if meta['quick'] else 'full'}), {meta['cpus']} CPUs "
-             f"({meta['cpu_model']}), load average {meta['loadavg_start']:.2f} at start, {meta['loadavg_end']:.2f} at end, "
-             f"{meta['runtime_s']:.0f} s."]  # fmt: skip
-    for title, header, rows in tables(result):
-        lines += ["", f"**{title}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
-    return "\n".join(lines)
+    head = (f"Run {meta['timestamp']} ({'quick' if meta['quick'] else 'full'}), {meta['cpus']} CPUs "
+            f"({meta['cpu_model']}), load average {meta['loadavg_start']:.2f} at start, {meta['loadavg_end']:.2f} at end, "
+            f"{meta['runtime_s']:.0f} s.")  # fmt: skip
+    return "\n".join([head, *markdown_lines(tables(result))])
 
 
 def cpu_model() -> str:
@@ -868,19 +900,44 @@ def run(plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
     return result
 
 
+def output_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    """--out and --markdown, shared with bench/compare.py (whose files are named compare-*.json)."""
+    parser.add_argument("--out", type=Path, default=BENCH / "results", help=f"directory for {prefix}<timestamp>.json and {prefix}latest.json")
+    parser.add_argument("--markdown", type=Path, nargs="?", const=Path("-"), metavar="JSON",
+                        help=f"print the tables of a result file (default: <out>/{prefix}latest.json) as markdown and exit")  # fmt: skip
+
+
+def markdown_source(args: argparse.Namespace, prefix: str = "") -> Path | None:
+    """The result file --markdown asked for (None: it was not given)."""
+    if args.markdown is None:
+        return None
+    return Path(args.out / f"{prefix}latest.json" if str(args.markdown) == "-" else args.markdown)
+
+
+def save_result(result: dict[str, Any], out: Path, prefix: str = "") -> Path:
+    """<out>/<prefix><timestamp>.json, and <prefix>latest.json replaced atomically; returns the first."""
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S") + ("-quick" if result["meta"]["quick"] else "")
+    text = json.dumps(result, indent=2, sort_keys=False) + "\n"
+    path = out / f"{prefix}{stamp}.json"
+    path.write_text(text)
+    tmp = out / f"{prefix}latest.json.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, out / f"{prefix}latest.json")
+    return path
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="every scenario with tiny counts (seconds; for the smoke test)")
-    parser.add_argument("--out", type=Path, default=BENCH / "results", help="directory for <timestamp>.json and latest.json")
-    parser.add_argument("--markdown", type=Path, nargs="?", const=Path("-"), metavar="JSON",
-                        help="print the measured tables of a result file (default: <out>/latest.json) as markdown and exit")  # fmt: skip
+    output_arguments(parser)
     parser.add_argument("--stall-seconds", type=float, default=None,
                         help="length of the stalled-subscriber window (default 90, quick 1)")  # fmt: skip
     args = parser.parse_args(argv)
 
-    if args.markdown is not None:
-        path = args.out / "latest.json" if str(args.markdown) == "-" else args.markdown
-        print(render_markdown(json.loads(path.read_text())))
+    source = markdown_source(args)
+    if source is not None:
+        print(render_markdown(json.loads(source.read_text())))
         return 0
 
     def log(msg: str) -> None:
@@ -890,15 +947,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.stall_seconds is not None:
         plan = dataclasses.replace(plan, stall_s=args.stall_seconds)
     result = run(plan, log)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else "")
-    text = json.dumps(result, indent=2, sort_keys=False)
-    (args.out / f"{stamp}.json").write_text(text + "\n")
-    tmp = args.out / "latest.json.tmp"
-    tmp.write_text(text + "\n")
-    os.replace(tmp, args.out / "latest.json")
+    path = save_result(result, args.out)
     print(render_text(result))
-    print(f"\nwritten: {args.out / (stamp + '.json')} and {args.out / 'latest.json'}")
+    print(f"\nwritten: {path} and {args.out / 'latest.json'}")
     return 0
 
 

@@ -212,6 +212,15 @@ def test_instant_power_64_bit_value_is_truncated_to_32_bits(backend: NvmlBackend
     assert backend.gpus[0].get_instant_power_mw() == 222_000
 
 
+def test_instant_power_wobble_alternates_per_gpu(backend: NvmlBackend, fake: FakeNvml) -> None:
+    """The benchmark's changing reading (upstream publishes only on change): +wobble on every other read."""
+    fake.set_gpu(0, power_mw=100_000, power_wobble_mw=7)
+    first = [backend.gpus[0].get_instant_power_mw() for _ in range(4)]
+    assert sorted(first[:2]) == [100_000, 100_007] and first[2:] == first[:2]
+    assert [backend.gpus[1].get_instant_power_mw() for _ in range(3)] == [150_000] * 3  # wobble 0: constant
+    assert fake.gpu(0).power_mw == 100_000  # reads do not write the state
+
+
 def test_instant_power_other_value_type_is_invalid_argument(backend: NvmlBackend, fake: FakeNvml) -> None:
     fake.set_gpu(0, power_value_type=VALUE_TYPE_DOUBLE)
     error = raised(backend.gpus[0].get_instant_power_mw)

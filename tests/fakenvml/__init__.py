@@ -105,6 +105,7 @@ class GpuState:
     pci_device_id: int = 0x233010DE
     pci_subsystem_id: int = 0x16C110DE
     power_mw: int = 150_000  # instant power, NVML field 186 (may exceed 32 bits)
+    power_wobble_mw: int = 0  # added to every other field-186 read of a GPU in one process: a reading that changes
     power_value_type: int = VALUE_TYPE_UNSIGNED_INT  # nvmlValueType_t of field 186
     avg_power_mw: int = 140_000  # nvmlDeviceGetPowerUsage and field 185
     mem_power_mw: int = 30_000  # fields 185/186 with the memory scope

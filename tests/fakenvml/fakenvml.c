@@ -179,6 +179,7 @@ typedef struct {
     char serial[32];
     long long pci_domain, pci_bus, pci_device, pci_device_id, pci_subsystem_id;
     long long power_mw; /* instant power (field 186); may exceed 32 bits */
+    long long power_wobble_mw; /* added to every other field-186 read in a process (0: constant) */
     long long power_value_type;
     long long avg_power_mw; /* nvmlDeviceGetPowerUsage, field 185 */
     long long mem_power_mw; /* field 185/186 with memory scope */
@@ -260,6 +261,7 @@ static void default_state(state_t *s)
     X(pci_device_id)                                                                               \
     X(pci_subsystem_id)                                                                            \
     X(power_mw)                                                                                    \
+    X(power_wobble_mw)                                                                             \
     X(power_value_type)                                                                            \
     X(avg_power_mw)                                                                                \
     X(mem_power_mw)                                                                                \
@@ -281,6 +283,7 @@ static void default_state(state_t *s)
 /* ---- process-wide bookkeeping ---- */
 
 static struct fake_device g_devices[MAX_GPUS];
+static unsigned long long g_instant_reads[MAX_GPUS]; /* per process, for power_wobble_mw */
 static int g_init_count;
 
 /* ---- state file keys ---- */
@@ -847,7 +850,8 @@ EXPORT nvmlReturn_t nvmlDeviceGetFieldValues(nvmlDevice_t device, int valuesCoun
             else if (memory_scope)
                 fill_power_field(v, g->mem_power_mw, NVML_VALUE_TYPE_UNSIGNED_INT);
             else
-                fill_power_field(v, g->power_mw, (int)g->power_value_type);
+                fill_power_field(v, g->power_mw + (g_instant_reads[gi]++ % 2) * g->power_wobble_mw,
+                                 (int)g->power_value_type);
             break;
         case NVML_FI_DEV_POWER_AVERAGE:
             if (!g->power_usage_supported || !known_scope)
