@@ -290,7 +290,8 @@ async def test_connection_errors_say_what_to_do(
         f"https://localhost:{tls_port}": "the server's certificate is not trusted (certificate verify failed); "
         "pass the CA that signed it with --ca-file",
         f"127.0.0.1:{tls_port}": f"if the daemon serves HTTPS, use https://127.0.0.1:{tls_port}",
-        f"https://127.0.0.1:{plain_port}": f"if the daemon serves plain HTTP, use 127.0.0.1:{plain_port} instead of https://",
+        # A plain daemon refuses the TLS hello at once (its bytes are no HTTP line), or never answers it.
+        f"https://127.0.0.1:{plain_port}": f"use 127.0.0.1:{plain_port} instead of https://",
         f"127.0.0.1:{free_tcp_port()}": "connection refused: is zeusd running",
         f"unix:{tmp_path}/nobody.sock": f"no socket at {tmp_path}/nobody.sock: is zeusd running?",
     }

@@ -16,7 +16,6 @@ from twisted.logger import (
     LogLevel,
     LogLevelFilterPredicate,
     globalLogBeginner,
-    textFileLogObserver,
 )
 from twisted.python import usage
 
@@ -92,10 +91,12 @@ class ZeusdOptions(VersionOption, usage.Options):
 
 def start_logging(level_name: str) -> None:
     """Structured log lines on stdout, at ``$ZEUSD_LOG_LEVEL`` (default info)."""
+    from zeusd.logs import TextLineObserver
+
     level = LogLevel.levelWithName(level_name)
     predicate = LogLevelFilterPredicate(defaultLogLevel=level)
     globalLogBeginner.beginLoggingTo(
-        [FilteringLogObserver(textFileLogObserver(sys.stdout), [predicate])], redirectStandardIO=False
+        [FilteringLogObserver(TextLineObserver(sys.stdout), [predicate])], redirectStandardIO=False
     )
 
 
@@ -110,6 +111,7 @@ def serve(options: ServeOptions) -> int:
         return 1
     start_logging(level)
     service = make_daemon(options.config(), reactor)  # a startup error exits 1 with one Error: line
+    service.site.log_requests = level == "debug"
     service.privilegedStartService()
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)

@@ -49,6 +49,7 @@ log = Logger()
 GPU_LABELS = ("gpu", "name", "pci_address")
 #: Label names of every per-package sample.
 CPU_LABELS = ("package",)
+_METHOD_LABELS = {b"GET": "GET", b"POST": "POST"}
 #: Route label for any path that is not a known endpoint (bounded cardinality).
 OTHER_ROUTE = "other"
 #: Request latency buckets (seconds): sub-millisecond reads up to the 5 s device timeout.
@@ -166,6 +167,7 @@ class DaemonMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self._request_series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self.read_errors = Counter(
             "zeusd_device_read_errors",
             "Failed device reads (API requests, streams and scrapes), by device kind, index and operation.",
@@ -184,10 +186,17 @@ class DaemonMetrics:
         return path if path is not None and path in self.known_routes else OTHER_ROUTE
 
     def observe_request(self, route: str, method: bytes, code: int, seconds: float) -> None:
-        method_label = method.decode("ascii", "replace") if method in (b"GET", b"POST") else "other"
-        self.requests.labels(route, method_label, str(code)).inc()
-        if route not in self.streaming_routes:
-            self.latency.labels(route, method_label).observe(seconds)
+        key = (route, _METHOD_LABELS.get(method, "other"), code)  # bounded: known routes, two methods
+        series = self._request_series.get(key)
+        if series is None:
+            # Label lookups are the dearest part of counting a request: once per (route, method, code).
+            route, method_label, _ = key
+            latency = None if route in self.streaming_routes else self.latency.labels(route, method_label)
+            series = self._request_series[key] = (self.requests.labels(route, method_label, str(code)), latency)
+        count, latency = series
+        count.inc()
+        if latency is not None:
+            latency.observe(seconds)
 
     def device_read_failed(self, device: str, index: int, what: str) -> None:
         self.read_errors.labels(device, str(index), operation_label(what)).inc()

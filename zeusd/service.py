@@ -23,7 +23,7 @@ and starting (``twistd``) loses nothing.
 from __future__ import annotations
 
 import gc
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from klein import Klein
 from twisted.application.service import MultiService, Service
@@ -45,7 +45,6 @@ from zeusd.errors import StartupError
 from zeusd.groups import ApiGroup
 from zeusd.lifecycle import OpenedAtStart
 from zeusd.listeners import ListenerService
-from zeusd.metrics import DaemonMetrics, LockedClocks, Scraper
 from zeusd.options import DEFAULT_RAPL_ROOTS, ServeConfig
 from zeusd.sse import CPU_ENCODERS, GPU_ENCODERS
 from zeusd.startup import fail_startup, preflight, print_error, raise_fd_limit
@@ -55,7 +54,9 @@ from zeusd.web.app import ZeusdRoot, ZeusdSite, route_paths, server_app
 from zeusd.web.cpu_read import cpu_read_app
 from zeusd.web.gpu_control import gpu_control_app
 from zeusd.web.gpu_read import gpu_read_app
-from zeusd.web.metrics import metrics_app
+
+if TYPE_CHECKING:
+    from zeusd.metrics import DaemonMetrics, LockedClocks
 
 log = Logger()
 
@@ -318,8 +319,14 @@ def make_service(
     gpus: GpuManager | None = None
     cpus: CpuManager | None = None
     hubs: list[StreamHub] = []
-    metrics = DaemonMetrics() if config.enabled(ApiGroup.METRICS) else None
-    clocks = LockedClocks() if metrics is not None and config.enabled(ApiGroup.GPU_CONTROL) else None
+    # prometheus_client is imported only by a daemon that serves /metrics.
+    metrics: DaemonMetrics | None = None
+    clocks: LockedClocks | None = None
+    if config.enabled(ApiGroup.METRICS):
+        from zeusd.metrics import DaemonMetrics, LockedClocks
+
+        metrics = DaemonMetrics()
+        clocks = LockedClocks() if config.enabled(ApiGroup.GPU_CONTROL) else None
 
     auth: AuthService | None = None
     if config.signing_key_path is not None:
@@ -360,6 +367,9 @@ def make_service(
     children.append(StreamService(reactor, hubs))
     server = server_app(lambda: discovery_info(config, gpus, cpus), auth)
     if metrics is not None:
+        from zeusd.metrics import Scraper
+        from zeusd.web.metrics import metrics_app
+
         if gpus is not None:
             gpus.on_read_error = lambda gpu, what: metrics.device_read_failed("gpu", gpu, what)
         if cpus is not None:

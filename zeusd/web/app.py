@@ -63,12 +63,28 @@ def route_paths(apps: Iterable[Klein]) -> set[str]:
 
 
 class ZeusdRequest(BoundedBodyRequest):
-    """A request that remembers when it started and who made it (for the access log)."""
+    """A request that remembers when it started and who made it (for the access log),
+    and says once when its response ended, finished or cut off (for request metrics)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.started_at = time.monotonic()
         self.zeusd_user: str | None = None
+        #: Called once with the request when its response has ended.
+        self.on_end: Callable[["ZeusdRequest"], None] | None = None
+
+    def finish(self) -> None:
+        super().finish()
+        self._ended()
+
+    def connectionLost(self, reason: Any) -> None:
+        super().connectionLost(reason)
+        self._ended()
+
+    def _ended(self) -> None:
+        on_end, self.on_end = self.on_end, None
+        if on_end is not None:
+            on_end(self)
 
 
 class ZeusdSite(Site):
@@ -76,12 +92,16 @@ class ZeusdSite(Site):
 
     requestFactory = ZeusdRequest
     protocol = DeadlineChannel  # type: ignore[assignment]  # plain HTTP/1.1, no HTTP/2 negotiation
+    #: The per-request debug line; off where the log level would drop it anyway (a hot-path cost).
+    log_requests = True
 
     def startFactory(self) -> None:
         """Skip HTTPFactory's access-log file and its once-a-second date timer:
         requests are logged through twisted.logger, and an idle daemon wakes no timer."""
 
     def log(self, request: Any) -> None:
+        if not self.log_requests:
+            return
         started = getattr(request, "started_at", None)
         log.debug(
             "{method} {path} -> {code} ({ms:.2f} ms){user}",
@@ -158,10 +178,13 @@ class ZeusdRoot(Resource):
         route = observer.route_label(_decoded_path(request))
         started: float = getattr(request, "started_at", None) or time.monotonic()
 
-        def done(_: Any) -> None:
-            observer.observe_request(route, request.method, request.code, time.monotonic() - started)
+        def done(ended: Any) -> None:
+            observer.observe_request(route, ended.method, ended.code, time.monotonic() - started)
 
-        request.notifyFinish().addBoth(done)
+        if isinstance(request, ZeusdRequest):
+            request.on_end = done
+        else:
+            request.notifyFinish().addBoth(lambda _: done(request))
 
     def _route(self, request: IRequest) -> IResource:
         path = _decoded_path(request)
