@@ -323,10 +323,10 @@ def make_service(
     metrics: DaemonMetrics | None = None
     clocks: LockedClocks | None = None
     if config.enabled(ApiGroup.METRICS):
-        from zeusd.metrics import DaemonMetrics, LockedClocks
+        from zeusd import metrics as prometheus
 
-        metrics = DaemonMetrics()
-        clocks = LockedClocks() if config.enabled(ApiGroup.GPU_CONTROL) else None
+        metrics = prometheus.DaemonMetrics()
+        clocks = prometheus.LockedClocks() if config.enabled(ApiGroup.GPU_CONTROL) else None
 
     auth: AuthService | None = None
     if config.signing_key_path is not None:
