@@ -43,6 +43,7 @@ if str(REPO) not in sys.path:
 
 from tests.fakenvml import FakeNvml, build_library, preload_library  # noqa: E402
 from tests.rapl_tree import RaplTree  # noqa: E402
+from tests.daemon import Client, Transport  # noqa: E402
 
 LOADGEN_SRC = BENCH / "loadgen.c"
 LOADGEN = BENCH / "build" / "loadgen"
@@ -85,12 +86,13 @@ class Plan:
     stall_sample_s: float
     startups: int
     device_calls: int
+    slow_gpu_s: float
 
     @classmethod
     def make(cls, quick: bool) -> "Plan":
         if quick:
-            return cls(True, 0.3, 0.0, 0.3, (1, 16, 64), 0.3, 0.6, (1, 100, 1000), 0.5, 1.0, 100, 0.25, 1, 50)
-        return cls(False, 5.0, 1.0, 5.0, (1, 16, 64), 3.0, 10.0, (1, 100, 1000), 10.0, 90.0, 100, 3.0, 5, 2000)
+            return cls(True, 0.3, 0.0, 0.3, (1, 16, 64), 0.3, 0.6, (1, 100, 1000), 0.5, 1.0, 100, 0.25, 1, 50, 1.0)
+        return cls(False, 5.0, 1.0, 5.0, (1, 16, 64), 3.0, 10.0, (1, 100, 1000), 10.0, 90.0, 100, 3.0, 5, 2000, 12.0)
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -600,6 +602,42 @@ def scenario_stream(d: Daemon, subs: int, plan: Plan) -> dict[str, Any]:
     }
 
 
+#: How the slow GPU answers in the slow-GPU scenario: 4 s per power read, or never.
+SLOW_GPU_DELAYS_MS = {"4 s per read": 4000, "hung": -1}
+
+
+def scenario_slow_gpu(d: Daemon, plan: Plan) -> dict[str, Any]:
+    """A stream of every GPU while GPU 1's power reads take 4 s, or hang: the others' event rate.
+
+    Rates come from the daemon's own timestamps (v0.5 events, one per GPU), over
+    ``plan.slow_gpu_s`` of GPU 0's stream.
+    """
+    assert isinstance(d.address, str), "the UDS daemon"
+    out: dict[str, Any] = {}
+    for label, delay_ms in SLOW_GPU_DELAYS_MS.items():
+        d.fake.set_delay("nvmlDeviceGetFieldValues", delay_ms, gpu=1)
+        stamps: dict[int, list[int]] = {i: [] for i in range(NUM_GPUS)}
+        try:
+            with Client(Transport("unix", d.address)).stream("/gpu/stream_power?format=v0.5", timeout=30) as stream:
+                for frame in stream.frames():
+                    if frame.startswith("data: "):
+                        event = json.loads(frame[len("data: "):])
+                        stamps[event["gpu_id"]].append(event["timestamp_ms"])
+                        if stamps[0] and stamps[0][-1] - stamps[0][0] >= plan.slow_gpu_s * 1000:
+                            break
+        finally:
+            d.fake.clear_delay()
+        span_s = max((stamps[0][-1] - stamps[0][0]) / 1000, 1e-3)
+        healthy = [len(stamps[i]) / span_s for i in range(NUM_GPUS) if i != 1]
+        out[label] = {
+            "span_s": span_s,
+            "healthy_events_per_s_min": min(healthy),
+            "healthy_rate_share": min(healthy) / POLL_HZ,
+            "slow_gpu_events": len(stamps[1]),
+        }
+    return out
+
+
 def scenario_stall(daemons: Sequence[Daemon], plan: Plan) -> list[dict[str, Any]]:
     """Subscribers that never read (small receive buffer): RSS over time and whether they are cut off.
 
@@ -683,6 +721,10 @@ TARGETS = [
            lambda s: s["streaming"]["subs_1000"]["daemon_cpu_per_s"] * 100),
     Target("stream_1000_jitter_p99", "1000 subscribers at 20 Hz: timestamp jitter p99", "ms", 5.0,
            lambda s: s["streaming"]["subs_1000"]["timestamp_jitter_us"]["p99"] / 1000),
+    Target("slow_gpu_missed", "one GPU at 4 s per read: events the healthy GPUs missed", "% of 20 Hz", 10.0,
+           lambda s: (1 - s["slow_gpu"]["4 s per read"]["healthy_rate_share"]) * 100),
+    Target("hung_gpu_missed", "one GPU hung: events the healthy GPUs missed", "% of 20 Hz", 10.0,
+           lambda s: (1 - s["slow_gpu"]["hung"]["healthy_rate_share"]) * 100),
     Target("idle_reads", "idle: device reads in the window", "reads", 0, _get("idle.device_power_reads"), exact_zero=True),
     Target("idle_cpu", "idle: daemon CPU", "% of a core", 0.1, lambda s: s["idle"]["daemon_cpu_per_s"] * 100),
     Target("rss_idle", "RSS idle", "MB", 60.0, _get("memory.idle_rss_mb")),
@@ -764,6 +806,10 @@ def tables(result: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]
     out.append((f"Streaming /gpu/stream_power at {POLL_HZ} Hz (UDS)",
                 ["subs", "events/s", "expected", "daemon cpu%", "ts jitter p99 ms", "arrival jitter p99 ms", "reads/tick/GPU",
                  "missed ticks", "RSS MB", "loadgen cpu%"], rows))  # fmt: skip
+    out.append(("A slow GPU during a stream of all GPUs (GPU 1 slow; healthy = GPUs 0, 2, 3)",
+                ["GPU 1", "window s", "healthy events/s (min)", f"share of {POLL_HZ} Hz", "GPU 1 events"],
+                [[label, _f(r["span_s"], 1), _f(r["healthy_events_per_s_min"], 1), _f(r["healthy_rate_share"] * 100, 1) + " %",
+                  str(r["slow_gpu_events"])] for label, r in s["slow_gpu"].items()]))  # fmt: skip
     idle = s["idle"]
     m = s["memory"]
     out.append(("Idle, memory, startup", ["measure", "value"], [
@@ -872,6 +918,8 @@ def run(plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
                 log(f"streaming, {subs} subscribers")
                 s["streaming"][f"subs_{subs}"] = scenario_stream(uds, subs, plan)
             memory["subs_1000_rss_mb"] = s["streaming"].get("subs_1000", {}).get("rss_mb")
+            log("streaming with one slow GPU")
+            s["slow_gpu"] = scenario_slow_gpu(uds, plan)
             time.sleep(0.5)
             memory["idle_after_load_rss_mb"] = rss_mb(uds.pid)
 

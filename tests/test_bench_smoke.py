@@ -104,7 +104,9 @@ def test_values_are_sane(quick_run: tuple[dict[str, Any], Path, str]) -> None:
 def test_targets_and_table(quick_run: tuple[dict[str, Any], Path, str]) -> None:
     data, out, stdout = quick_run
     targets = data["targets"]
-    assert len(targets) == 11
+    from bench.run import TARGETS
+
+    assert [t["key"] for t in targets] == [t.key for t in TARGETS] and len(targets) == 13
     for t in targets:
         assert t["result"] in ("PASS", "MISS") and t["value"] is not None, t
         assert t["label"] in stdout
