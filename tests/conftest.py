@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import signal
+import subprocess
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -76,3 +77,14 @@ def fake(tmp_path: Path) -> FakeNvml:
     nvml = FakeNvml(tmp_path / "nvml.state", tmp_path / "nvml.log", build_library())
     nvml.create(4)
     return nvml
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[Any]]]:
+    """Subprocesses a test starts; any still running at the end are killed."""
+    started: list[subprocess.Popen[Any]] = []
+    yield started
+    for p in started:
+        if p.poll() is None:
+            p.kill()
+            p.wait()

@@ -65,17 +65,6 @@ def wait_for_discover(client: Client, process: subprocess.Popen[Any], timeout: f
     raise AssertionError("daemon did not answer /discover")
 
 
-@pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[Any]]]:
-    """Subprocesses a test starts; any still running at the end are killed."""
-    started: list[subprocess.Popen[Any]] = []
-    yield started
-    for p in started:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-
-
 # --------------------------------------------------------------------------- help, version, usage errors
 
 

@@ -72,7 +72,7 @@ def entry(request: pytest.FixtureRequest) -> EntryPoint:
 
 
 @pytest.fixture
-def processes() -> Iterator[list[int]]:
+def pids() -> Iterator[list[int]]:
     """Pids a test started (children or daemonized); any still alive at the end are killed."""
     pids: list[int] = []
     yield pids
@@ -96,20 +96,20 @@ def wait_for_exit(pid: int, timeout: float = 30.0) -> None:
         os.close(fd)
 
 
-def start(entry: EntryPoint, tmp_path: Path, args: list[str], env: dict[str, str], processes: list[int]) -> subprocess.Popen[bytes]:
+def start(entry: EntryPoint, tmp_path: Path, args: list[str], env: dict[str, str], pids: list[int]) -> subprocess.Popen[bytes]:
     argv, extra = entry.command(tmp_path, args)
     with open(tmp_path / "stdout.log", "wb") as out:
         p = subprocess.Popen(argv, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env, **extra})
-    processes.append(p.pid)
+    pids.append(p.pid)
     return p
 
 
-def daemon_pid(entry: EntryPoint, p: subprocess.Popen[bytes], tmp_path: Path, processes: list[int]) -> int:
+def daemon_pid(entry: EntryPoint, p: subprocess.Popen[bytes], tmp_path: Path, pids: list[int]) -> int:
     if not entry.daemonizes:
         return p.pid
     assert p.wait(60) == 0, (tmp_path / "stdout.log").read_text()  # the parent returns once the daemon started
     pid = int((tmp_path / "twistd.pid").read_text())
-    processes.append(pid)
+    pids.append(pid)
     return pid
 
 
@@ -126,7 +126,7 @@ def serving(client: Client) -> bool:
 
 @pytest.mark.parametrize("backend", ["simulated", "stand-in NVML"])
 def test_each_entry_point_serves_commands_streams_and_stops(
-    entry: EntryPoint, backend: str, tmp_path: Path, fake: FakeNvml, processes: list[int]
+    entry: EntryPoint, backend: str, tmp_path: Path, fake: FakeNvml, pids: list[int]
 ) -> None:
     sock = tmp_path / "zeusd.sock"
     args = ["--socket-path", str(sock)]
@@ -136,8 +136,8 @@ def test_each_entry_point_serves_commands_streams_and_stops(
     else:
         args += ["--enable", "gpu-control,gpu-read"]
         env = fake.env()
-    p = start(entry, tmp_path, args, env, processes)
-    pid = daemon_pid(entry, p, tmp_path, processes)
+    p = start(entry, tmp_path, args, env, pids)
+    pid = daemon_pid(entry, p, tmp_path, pids)
     client = Client(Transport("unix", str(sock)))
     wait_until(lambda: serving(client) or (not entry.daemonizes and p.poll() is not None), "the daemon to serve", 60)
     assert p.poll() is None or entry.daemonizes, logs(tmp_path)
@@ -220,7 +220,7 @@ STARTUP_ERRORS: dict[str, tuple[Callable[[Path, list[socket.socket]], list[str]]
 
 @pytest.mark.parametrize("error", list(STARTUP_ERRORS))
 def test_startup_errors_are_one_line_through_every_entry_point(
-    entry: EntryPoint, error: str, tmp_path: Path, processes: list[int]
+    entry: EntryPoint, error: str, tmp_path: Path, pids: list[int]
 ) -> None:
     make_args, needle = STARTUP_ERRORS[error]
     held: list[socket.socket] = []

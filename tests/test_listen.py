@@ -15,7 +15,7 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -142,18 +142,8 @@ def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
         assert line in service.splitlines(), line
 
 
-@pytest.fixture
-def activated() -> Iterator[list[subprocess.Popen[Any]]]:
-    started: list[subprocess.Popen[Any]] = []
-    yield started
-    for p in started:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-
-
 @pytest.mark.parametrize("kind", ["unix", "tcp"])
-def test_socket_activation_serves_reads_and_streams(kind: str, tmp_path: Path, activated: list[subprocess.Popen[Any]]) -> None:
+def test_socket_activation_serves_reads_and_streams(kind: str, tmp_path: Path, processes: list[subprocess.Popen[Any]]) -> None:
     activate = _needs("systemd-socket-activate")
     if kind == "unix":
         address = str(tmp_path / "activated.sock")
@@ -167,7 +157,7 @@ def test_socket_activation_serves_reads_and_streams(kind: str, tmp_path: Path, a
             [activate, "-l", address, "--", str(ZEUSD), "serve", "--simulate"],
             stdout=log, stderr=subprocess.STDOUT,
         )
-    activated.append(p)
+    processes.append(p)
     if kind == "unix":
         wait_until(lambda: os.path.exists(address) or p.poll() is not None, "systemd-socket-activate to listen")
         mode = stat.S_IMODE(os.stat(address).st_mode)

@@ -22,7 +22,7 @@ from tests.conftest import DaemonFactory
 from tests.daemon import REPO, Client, Daemon, Transport, free_tcp_port, run_zeusd, unprivileged_user, wait_until
 from tests.fakenvml import FakeNvml
 from tests.override_files import children_of, pipes_of, recorder, records, running, write_overrides, write_script
-from tests.test_cli import _euid_of, processes, unprivileged_command, wait_for_discover  # noqa: F401 (processes: a fixture)
+from tests.test_cli import _euid_of, unprivileged_command, wait_for_discover
 from zeusd.devices.gpu.control import OPERATIONS
 
 GROUPS = ("--enable", "gpu-control,gpu-read,metrics")

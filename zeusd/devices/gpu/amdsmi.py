@@ -37,6 +37,7 @@ from typing import Any, Callable, Final, Iterator, Sequence
 from twisted.logger import Logger
 
 from zeusd.devices.base import DeviceError
+from zeusd.devices.gpu.base import DiscoveredGPU
 from zeusd.errors import StartupError
 
 __all__ = [
@@ -157,13 +158,10 @@ def _not_supported(error: DeviceError) -> bool:
     return isinstance(error, AmdSmiError) and error.amdsmi_status == STATUS_NOT_SUPPORTED
 
 
-class AmdSmiGPU:
+class AmdSmiGPU(DiscoveredGPU):
     """One AMD GPU; the handle and static properties are fetched once at startup."""
 
-    __slots__ = (
-        "_api", "_index", "_handle", "_name", "_pci_address", "_power_field", "_energy_available", "_bounds",
-        "_limit_range",
-    )  # fmt: skip
+    __slots__ = ("_api", "_handle", "_power_field", "_bounds")
 
     def __init__(
         self,
@@ -176,17 +174,14 @@ class AmdSmiGPU:
         clock_bounds: dict[str, tuple[int, int] | None],
         power_limit_range_mw: tuple[int, int] | None = None,
     ) -> None:
+        # The energy counter is served once the startup validation passed it.
+        super().__init__(index, name, pci_address, False, power_limit_range_mw)
         self._api = api
-        self._index = index
         self._handle = handle
-        self._name = name
-        self._pci_address = pci_address
         # "current_socket_power", else "average_socket_power" where the former is N/A, else None.
         self._power_field = power_field
-        self._energy_available = False  # set by the startup validation
         # Per clock domain, the (min, max) range last seen or set; None: ask the driver.
         self._bounds = clock_bounds
-        self._limit_range = power_limit_range_mw
 
     @classmethod
     def open(cls, api: _Bindings, index: int, handle: object) -> AmdSmiGPU:
@@ -199,36 +194,9 @@ class AmdSmiGPU:
         gpu._limit_range = gpu._probe_power_limit_range()
         return gpu
 
-    def __repr__(self) -> str:
-        return f"AmdSmiGPU(index={self._index}, name={self._name!r}, pci_address={self._pci_address!r})"
-
-    @property
-    def index(self) -> int:
-        return self._index
-
-    @property
-    def name(self) -> str:
-        """The market name (``AMD Instinct MI300X``)."""
-        return self._name
-
     @property
     def backend(self) -> str:
         return "amdsmi"
-
-    @property
-    def pci_address(self) -> str:
-        """``dddd:bb:dd.f`` in lower-case hex as AMD SMI reports it; empty if it could not tell."""
-        return self._pci_address
-
-    @property
-    def energy_counter_available(self) -> bool:
-        """Whether the energy counter exists and agreed with measured power at startup."""
-        return self._energy_available
-
-    @property
-    def power_limit_range_mw(self) -> tuple[int, int] | None:
-        """The power cap range at startup, in mW (None if AMD SMI could not tell)."""
-        return self._limit_range
 
     @property
     def power_field(self) -> str | None:

@@ -99,3 +99,49 @@ def reset_each_domain(resets: Sequence[Callable[[], None]]) -> None:
             errors.append(e)
     if errors:
         raise errors[0]
+
+
+class DiscoveredGPU:
+    """What a backend learned about a GPU at startup, served as the GPU protocol's static properties."""
+
+    __slots__ = ("_index", "_name", "_pci_address", "_energy_available", "_limit_range")
+
+    def __init__(
+        self,
+        index: int,
+        name: str,
+        pci_address: str,
+        energy_counter_available: bool,
+        power_limit_range_mw: tuple[int, int] | None,
+    ) -> None:
+        self._index = index
+        self._name = name
+        self._pci_address = pci_address
+        self._energy_available = energy_counter_available
+        self._limit_range = power_limit_range_mw
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(index={self._index}, name={self._name!r}, pci_address={self._pci_address!r})"
+
+    @property
+    def index(self) -> int:
+        return self._index
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def pci_address(self) -> str:
+        """``dddd:bb:dd.f`` in lower-case hex; empty if the backend could not tell."""
+        return self._pci_address
+
+    @property
+    def energy_counter_available(self) -> bool:
+        """Whether the cumulative-energy counter worked at startup."""
+        return self._energy_available
+
+    @property
+    def power_limit_range_mw(self) -> tuple[int, int] | None:
+        """The power limits the device reported at startup (None: unknown)."""
+        return self._limit_range

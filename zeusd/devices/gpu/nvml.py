@@ -14,7 +14,7 @@ from typing import Any, Callable, Final, Sequence
 from twisted.logger import Logger
 
 from zeusd.devices.base import DeviceError
-from zeusd.devices.gpu.base import reset_each_domain
+from zeusd.devices.gpu.base import DiscoveredGPU, reset_each_domain
 from zeusd.errors import StartupError
 
 with warnings.catch_warnings():
@@ -87,10 +87,10 @@ _VALUE_TYPE_UINT: Final = pynvml.NVML_VALUE_TYPE_UNSIGNED_INT
 _VALUE_TYPE_ULL: Final = pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG
 
 
-class NvmlGPU:
+class NvmlGPU(DiscoveredGPU):
     """One NVIDIA GPU; the handle and static properties are fetched once at startup."""
 
-    __slots__ = ("_index", "_handle", "_name", "_pci_address", "_energy_available", "_use_power_usage", "_limit_range")
+    __slots__ = ("_handle", "_use_power_usage")
 
     def __init__(
         self,
@@ -102,15 +102,11 @@ class NvmlGPU:
         instant_power_field: bool,
         power_limit_range_mw: tuple[int, int] | None = None,
     ) -> None:
-        self._index = index
+        super().__init__(index, name, pci_address, energy_counter_available, power_limit_range_mw)
         self._handle = handle
-        self._name = name
-        self._pci_address = pci_address
-        self._energy_available = energy_counter_available
         # Chosen once, at startup: field 186 unless the device does not support it.
         # A later failure is an error for that read only, never a switch of method.
         self._use_power_usage = not instant_power_field
-        self._limit_range = power_limit_range_mw
 
     @classmethod
     def open(cls, index: int) -> NvmlGPU:
@@ -131,35 +127,9 @@ class NvmlGPU:
             _probe_power_limit_range(index, handle),
         )
 
-    def __repr__(self) -> str:
-        return f"NvmlGPU(index={self._index}, name={self._name!r}, pci_address={self._pci_address!r})"
-
-    @property
-    def index(self) -> int:
-        return self._index
-
-    @property
-    def name(self) -> str:
-        return self._name
-
     @property
     def backend(self) -> str:
         return "nvml"
-
-    @property
-    def pci_address(self) -> str:
-        """``dddd:bb:dd.0`` in lower-case hex; empty if NVML could not tell."""
-        return self._pci_address
-
-    @property
-    def energy_counter_available(self) -> bool:
-        """Whether nvmlDeviceGetTotalEnergyConsumption succeeded at startup."""
-        return self._energy_available
-
-    @property
-    def power_limit_range_mw(self) -> tuple[int, int] | None:
-        """nvmlDeviceGetPowerManagementLimitConstraints at startup (None if it failed)."""
-        return self._limit_range
 
     @property
     def uses_power_usage_fallback(self) -> bool:
