@@ -36,6 +36,8 @@ from tests.fakelib import FakeLibrary
 from tests.fakenvml import FIELD_POWER_INSTANT, FakeNvml
 
 __all__ = [
+    "AMD_PERSISTENCE_UNSUPPORTED",
+    "AMD_SINGLE_DOMAIN_RESET",
     "FAILURE_KINDS",
     "STAND_INS",
     "AmdSmiStandIn",
@@ -269,6 +271,13 @@ class NvmlStandIn(GpuStandIn):
     @property
     def no_gpu(self) -> str:
         return "NVML reports no GPU"
+
+
+#: What AMD GPUs answer (400) for the operations they do not have (the simulated ones too).
+AMD_PERSISTENCE_UNSUPPORTED = "Invalid request: persistence mode is not supported on AMD GPUs"
+AMD_SINGLE_DOMAIN_RESET = (
+    "Invalid request: AMD GPUs cannot reset a single clock domain; use reset_locked_clocks to reset all domains"
+)
 
 
 def _amdsmi_text(status: int, words: str) -> str:

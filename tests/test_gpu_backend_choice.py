@@ -22,10 +22,6 @@ from tests.fakenvml import ENV_LOG as NVML_LOG, ENV_STATE as NVML_STATE, FakeNvm
 from tests.stand_ins import amdsmi_bindings_installed
 from tests.test_metrics import scrape
 
-pytestmark = pytest.mark.skipif(
-    not amdsmi_bindings_installed(), reason="the amdsmi Python bindings are not installed (pip install -e '.[test]')"
-)
-
 NO_NVML = "the NVML library (libnvidia-ml.so.1) could not be loaded; is the NVIDIA driver installed?"
 NO_AMD_LIBRARY = (
     "The AMD SMI library (libamd_smi.so) cannot be loaded from $ROCM_HOME/lib, $ROCM_PATH/lib, "
@@ -38,6 +34,11 @@ NO_BINDINGS = (
 NO_GPU_GROUPS = "--enable names a GPU API group, but there is no GPU: "
 
 
+def needs_bindings() -> None:
+    if not amdsmi_bindings_installed():
+        pytest.skip("the amdsmi Python bindings are not installed (pip install -e '.[test]')")
+
+
 @pytest.fixture
 def nvml(tmp_path: Path) -> FakeNvml:
     fake = FakeNvml(tmp_path / "nvml.state", tmp_path / "nvml.log")
@@ -47,6 +48,7 @@ def nvml(tmp_path: Path) -> FakeNvml:
 
 @pytest.fixture
 def amd(tmp_path: Path) -> FakeAmdSmi:
+    needs_bindings()
     fake = FakeAmdSmi(tmp_path / "amdsmi.state", tmp_path / "amdsmi.log")
     fake.create(2)
     return fake
@@ -69,6 +71,7 @@ def no_nvml(tmp_path: Path) -> dict[str, str]:
 @pytest.fixture
 def no_amd(tmp_path: Path) -> dict[str, str]:
     """A node without libamd_smi.so (the bindings are installed)."""
+    needs_bindings()
     spec = importlib.util.find_spec("amdsmi")
     beside_bindings = spec is not None and any(
         Path(p, "libamd_smi.so").exists() for p in spec.submodule_search_locations or ()
@@ -246,3 +249,18 @@ def test_explicit_amdsmi_without_the_bindings_says_how_to_install_them(
     lines = start_failure(tmp_path, {**amd.env(), **no_bindings}, "--gpu-backend", "amdsmi")
     assert lines == [f"Error: --gpu-backend amdsmi: {NO_BINDINGS}"]
     assert amd.count() == 0
+
+
+# --------------------------------------------------------------------------- the simulated node
+
+
+@pytest.mark.parametrize(("vendor", "name", "function"), [
+    ("nvidia", "Simulated NVIDIA H100 80GB HBM3", "0"), ("amd", "Simulated AMD Instinct MI300X", "1"),
+])
+def test_the_simulated_node_is_its_own_backend(start_daemon: DaemonFactory, vendor: str, name: str, function: str) -> None:
+    daemon = start_daemon("--simulate", "--simulate-gpus", "2", "--simulate-vendor", vendor)
+    assert backends(daemon) == [(0, "simulated"), (1, "simulated")]
+    gpus = daemon.client.get("/discover").json()["gpus"]
+    assert [(g["name"], g["pci_address"]) for g in gpus] == [
+        (name, f"0000:18:00.{function}"), (name, f"0000:28:00.{function}")
+    ]

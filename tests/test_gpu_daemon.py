@@ -27,7 +27,15 @@ import pytest
 from tests.conftest import DaemonFactory
 from tests.daemon import Daemon, EventStream, Response, Transport, run_zeusd, terminate, wait_until
 from tests.fakeamdsmi import AMDSMI_DEV_PERF_LEVEL_AUTO, AMDSMI_DEV_PERF_LEVEL_MANUAL, NA_POWER, installed_abi
-from tests.stand_ins import FAILURE_KINDS, STAND_INS, Call, GpuStandIn, amdsmi_bindings_installed
+from tests.stand_ins import (
+    AMD_PERSISTENCE_UNSUPPORTED,
+    AMD_SINGLE_DOMAIN_RESET,
+    FAILURE_KINDS,
+    STAND_INS,
+    Call,
+    GpuStandIn,
+    amdsmi_bindings_installed,
+)
 
 NO_BINDINGS = "the amdsmi Python bindings are not installed (pip install -e '.[test]')"
 
@@ -669,10 +677,7 @@ def test_nvml_reads_power_usage_where_field_186_is_not_supported(
 
 # --------------------------------------------------------------------------- AMD only
 
-PERSISTENCE_UNSUPPORTED = "Invalid request: persistence mode is not supported on AMD GPUs"
-SINGLE_DOMAIN_RESET = (
-    "Invalid request: AMD GPUs cannot reset a single clock domain; use reset_locked_clocks to reset all domains"
-)
+PERSISTENCE_UNSUPPORTED, SINGLE_DOMAIN_RESET = AMD_PERSISTENCE_UNSUPPORTED, AMD_SINGLE_DOMAIN_RESET
 
 
 @AMD_ONLY
