@@ -93,6 +93,10 @@ class GpuStandIn(ABC):
 
     fake: FakeLibrary
 
+    @abstractmethod
+    def __init__(self, directory: Path) -> None:
+        """The stand-in's state file and call log live in ``directory``."""
+
     @property
     def args(self) -> list[str]:
         """The daemon flags that select this backend."""

@@ -32,6 +32,7 @@ from tests.stand_ins import (
     AMD_SINGLE_DOMAIN_RESET,
     FAILURE_KINDS,
     STAND_INS,
+    AmdSmiStandIn,
     Call,
     GpuStandIn,
     amdsmi_bindings_installed,
@@ -760,6 +761,7 @@ def test_amd_startup_probes_decide_what_each_gpu_serves(start_daemon: DaemonFact
 def test_amd_libraries_before_26_2_serialise_every_call(start_daemon: DaemonFactory, stand_in: GpuStandIn) -> None:
     """Older libraries are not thread-safe, so one hung call holds up every GPU (compare
     test_hanging_gpu_times_out_alone_and_recovers, where GPU 1 answers meanwhile)."""
+    assert isinstance(stand_in, AmdSmiStandIn)
     if installed_abi() == 26:
         stand_in.fake.set_lib_version(26, 1, 2)  # ABI 24/25 stand-ins report a pre-26.2 library already
     daemon = start(start_daemon, stand_in, "--enable", "gpu-read")
