@@ -187,13 +187,21 @@ def test_auto_without_any_gpu_serves_none_and_warns_with_the_default_groups(
     assert scrape(daemon.client).all("zeusd_gpu_info") == []
 
 
-@pytest.mark.parametrize("enable", ["gpu-read", "gpu-control,gpu-read,metrics"])
+@pytest.mark.parametrize(
+    ("enable", "nvidia_side"),
+    [("gpu-read", "no library"), ("gpu-control,gpu-read,metrics", "no library"), ("gpu-read", "no GPU")],
+)
 def test_auto_without_any_gpu_stops_startup_when_gpu_groups_are_asked_for(
-    tmp_path: Path, no_nvml: dict[str, str], no_amd: dict[str, str], enable: str
+    tmp_path: Path, nvml: FakeNvml, no_nvml: dict[str, str], no_amd: dict[str, str], enable: str, nvidia_side: str
 ) -> None:
-    lines = start_failure(tmp_path, {**no_nvml, **no_amd}, "--enable", enable)
+    if nvidia_side == "no GPU":  # the NVIDIA library is there and reports no GPU
+        nvml.create(0)
+        env, nvidia_why = {**nvml.env(), **no_amd}, "NVML reports no GPU"
+    else:
+        env, nvidia_why = {**no_nvml, **no_amd}, NO_NVML
+    lines = start_failure(tmp_path, env, "--enable", enable)
     assert len(lines) == 1, lines
-    assert lines[0].startswith(f"Error: {NO_GPU_GROUPS}no NVIDIA GPU ({NO_NVML}) and no AMD GPU ({NO_AMD_LIBRARY}")
+    assert lines[0].startswith(f"Error: {NO_GPU_GROUPS}no NVIDIA GPU ({nvidia_why}) and no AMD GPU ({NO_AMD_LIBRARY}")
     assert lines[0].endswith(")")
 
 
