@@ -47,10 +47,10 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from tests.fakelib import FakeLibrary, StateModel, build_library as _build, preload
+from tests.fakelib import FakeLibrary, State, StateModel, build_library as _build, preload
 
 __all__ = [
     "ENV_LOG",
@@ -81,8 +81,10 @@ AMDSMI_STATUS_TIMEOUT = 8
 AMDSMI_STATUS_RETRY = 9
 AMDSMI_STATUS_NO_PERM = 10
 AMDSMI_STATUS_IO = 12
+AMDSMI_STATUS_FILE_ERROR = 14
 AMDSMI_STATUS_INIT_ERROR = 18
 AMDSMI_STATUS_BUSY = 30
+AMDSMI_STATUS_NOT_FOUND = 31
 AMDSMI_STATUS_NOT_INIT = 32
 AMDSMI_STATUS_DRIVER_NOT_LOADED = 34
 
@@ -219,6 +221,7 @@ class GpuState:
     mem_range_min_mhz: int = 900
     mem_range_max_mhz: int = 1300
     perf_level: int = AMDSMI_DEV_PERF_LEVEL_AUTO
+    fail_status: int = 0  # not 0: every call on this GPU answers this status (see FakeAmdSmi.set_lost)
 
     @classmethod
     def default(cls, index: int) -> GpuState:
@@ -256,7 +259,7 @@ class FakeAmdSmi(FakeLibrary):
 
     Besides the shared helpers: :meth:`set_lib_version` (what
     ``amdsmi_get_lib_version`` reports; ``set_init_error`` makes ``amdsmi_init``
-    fail).
+    fail) and :meth:`set_lost` (a GPU gone from the bus).
     """
 
     MODEL = _model(installed_abi() or 26)
@@ -276,3 +279,17 @@ class FakeAmdSmi(FakeLibrary):
             self.set_global(key, value)
         if year is not None:
             self.set_global("lib_year", year)
+
+    def set_lost(self, gpu: int, lost: bool = True, status: int = AMDSMI_STATUS_NOT_FOUND) -> None:
+        """A GPU gone from the bus: every call on it (handle lookups too) answers ``status``.
+
+        What the driver really answers depends on where the call fails
+        (NOT_FOUND, FILE_ERROR, DRM_ERROR); all of them are 500s to zeusd.
+        """
+        self.set_gpu(gpu, fail_status=status if lost else 0)
+
+    def _clear_all(self, state: State) -> None:
+        """Also: no lost GPUs."""
+        super()._clear_all(state)
+        for index in range(state.count):
+            state.gpus[index] = replace(state.gpus[index], fail_status=0)

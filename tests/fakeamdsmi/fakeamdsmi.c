@@ -17,7 +17,8 @@
  *   count 4                       number of GPUs (max 64), one per socket
  *   init_error 0                  status of amdsmi_init (0 = works)
  *   lib_year / lib_major / lib_minor / lib_release   amdsmi_get_lib_version
- *   gpu.<i>.<property> <value>    see gpu_t / GPU_INT_FIELDS
+ *   gpu.<i>.<property> <value>    see gpu_t / GPU_INT_FIELDS; fail_status, when not 0, is
+ *                                 what every call on that GPU answers (handle lookups too)
  *
  * Units are AMD SMI's: power in W, power caps in uW, clocks in MHz, the
  * energy counter in ticks of energy_resolution_nj nanojoules.  Arguments are
@@ -175,6 +176,7 @@ typedef struct {
     long long gfx_clk_mhz, gfx_min_mhz, gfx_max_mhz, gfx_range_min_mhz, gfx_range_max_mhz;
     long long mem_clk_mhz, mem_min_mhz, mem_max_mhz, mem_range_min_mhz, mem_range_max_mhz;
     long long perf_level;
+    long long fail_status; /* not 0: every call on this GPU answers it (a GPU gone from the bus) */
 } gpu_t;
 
 /* Integer properties of a GPU, by state-file key. */
@@ -203,7 +205,8 @@ typedef struct {
     X(mem_max_mhz)                                                                                 \
     X(mem_range_min_mhz)                                                                           \
     X(mem_range_max_mhz)                                                                           \
-    X(perf_level)
+    X(perf_level)                                                                                  \
+    X(fail_status)
 
 /* Top-level integer keys. */
 #define GLOBAL_INT_FIELDS(X)                                                                       \
@@ -331,6 +334,8 @@ static amdsmi_status_t gpu_checks(state_t *s, const char *fn, int gpu)
         return AMDSMI_STATUS_NOT_INIT;
     if (gpu < 0 || gpu >= s->count)
         return AMDSMI_STATUS_INVAL;
+    if (s->gpus[gpu].fail_status != 0)
+        return (amdsmi_status_t)s->gpus[gpu].fail_status;
     return (amdsmi_status_t)lookup_inj(&s->inj, INJ_ERROR, gpu, fn, AMDSMI_STATUS_SUCCESS);
 }
 
