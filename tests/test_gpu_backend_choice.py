@@ -272,3 +272,29 @@ def test_the_simulated_node_is_its_own_backend(start_daemon: DaemonFactory, vend
     assert [(g["name"], g["pci_address"]) for g in gpus] == [
         (name, f"0000:18:00.{function}"), (name, f"0000:28:00.{function}")
     ]
+
+
+# --------------------------------------------------------------------------- auto, an NVML that cannot initialise
+
+
+def test_auto_serves_amd_when_a_stray_nvml_cannot_initialise(
+    start_daemon: DaemonFactory, nvml: FakeNvml, amd: FakeAmdSmi
+) -> None:
+    """CUDA's libnvidia-ml on an AMD node: NVML loads but finds no driver; the AMD GPUs are served."""
+    nvml.set_init_error(9)  # NVIDIA driver not loaded
+    daemon = start_daemon(env={**nvml.env(), **amd.env()})
+    assert backends(daemon) == [(0, "amdsmi"), (1, "amdsmi")]
+    assert "NVML failed (NVML error: NVIDIA driver is not loaded); serving the AMD GPUs" in daemon.log()
+
+
+def test_auto_reports_a_failing_nvml_when_there_is_no_amd_gpu(tmp_path: Path, nvml: FakeNvml, no_amd: dict[str, str]) -> None:
+    nvml.set_init_error(9)
+    assert start_failure(tmp_path, {**nvml.env(), **no_amd}) == ["Error: NVML error: NVIDIA driver is not loaded"]
+
+
+def test_a_missing_feature_is_an_answer_not_a_read_error(start_daemon: DaemonFactory, amd: FakeAmdSmi, no_nvml: dict[str, str]) -> None:
+    """AMD has no persistence mode: the API's 400 is not counted as a failed device read."""
+    daemon = start_daemon(env={**amd.env(), **no_nvml})
+    r = daemon.client.get("/gpu/get_persistence_mode?gpu_ids=0")
+    assert (r.status, r.json()) == (400, {"errors": {"0": "Invalid request: persistence mode is not supported on AMD GPUs"}})
+    assert [s for s in scrape(daemon.client).all("zeusd_device_read_errors") if s.labels.get("device") == "gpu"] == []

@@ -17,6 +17,8 @@ class GpuInfo:
     name: str | None = None
     pci_address: str | None = None
     cumulative_energy_available: bool | None = None
+    #: Which backend serves it (``nvml``, ``amdsmi``, ``simulated``); None from daemons that do not say.
+    backend: str | None = None
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,9 @@ class Discovery:
             raise ZeusdProtocolError(f"/discover answered {type(body).__name__}, not an object")
         if isinstance(body.get("gpus"), list):
             gpus = tuple(
-                GpuInfo(int(g["id"]), g.get("name"), g.get("pci_address"), g.get("cumulative_energy_available"))
+                GpuInfo(
+                    int(g["id"]), g.get("name"), g.get("pci_address"), g.get("cumulative_energy_available"), g.get("backend")
+                )
                 for g in body["gpus"]
             )
         else:

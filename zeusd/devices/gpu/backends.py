@@ -46,7 +46,18 @@ def open_gpu_backend(choice: str) -> GPUBackend:
         amd, _ = _open_amdsmi(required=True)
         assert amd is not None
         return amd
-    nvidia = _open_nvml(required=False)
+    try:
+        nvidia = _open_nvml(required=False)
+    except StartupError as nvml_failure:
+        # A libnvidia-ml without a working NVIDIA driver (CUDA installed on an AMD node):
+        # fatal only if there is no AMD GPU to serve either.
+        amd, _ = _open_amdsmi(required=False)
+        if amd is None or not amd.gpus:
+            if amd is not None:
+                amd.close()
+            raise
+        log.warn("NVML failed ({error}); serving the AMD GPUs", error=str(nvml_failure))
+        return amd
     amd, amd_absence = _open_amdsmi(required=False)
     if amd is not None and amd.gpus and nvidia.gpus:
         counts = f"{len(nvidia.gpus)} NVIDIA and {len(amd.gpus)} AMD"

@@ -200,10 +200,15 @@ class GpuManager:
         return self._power_reads[gpu].call(_POWER, _read_power, self.gpus[gpu])
 
     def read_failed(self, failure: Failure, gpu: int, what: str) -> DeviceError:
-        """Count a failed read and turn it into the DeviceError clients see."""
-        if self.on_read_error is not None:
+        """Count a failed read and turn it into the DeviceError clients see.
+
+        A 400 (the GPU does not have what was asked, e.g. persistence mode on AMD)
+        is the GPU's answer, not a failed read, and is not counted.
+        """
+        error = _as_device_error(failure, gpu, what)
+        if self.on_read_error is not None and error.status != 400:
             self.on_read_error(gpu, what)
-        return _as_device_error(failure, gpu, what)
+        return error
 
     def _gather_bounded(self, reads: "dict[int, Deferred[T]]", what: str) -> "Deferred[Results[T]]":
         """Every GPU's result or its error, a GPU that outlasts the bound reported as hung."""
