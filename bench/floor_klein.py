@@ -4,8 +4,10 @@
     python bench/floor_klein.py --mode tcp --tcp-bind-address 127.0.0.1:PORT
 
 Same listener flags as ``zeusd serve`` so that bench/compare.py starts it the
-way it starts the daemon. ``GET /discover`` answers ``{}``; nothing else is
-imported or set up: what the daemon costs beyond this is the daemon's own.
+way it starts the daemon. ``GET /discover`` answers ``{}``, and ``POST
+/command`` answers an empty 200 after a no-op ran on a thread (the floor under a
+blocking control command); nothing else is imported or set up: what the
+daemon costs beyond this is the daemon's own.
 Stops on SIGTERM (the reactor's default handler).
 """
 
@@ -26,6 +28,14 @@ app = Klein()
 def discover(request: Any) -> bytes:
     request.setHeader(b"Content-Type", b"application/json")
     return b"{}"
+
+
+@app.route("/command", methods=["POST"])
+def command(request: Any) -> Any:
+    """The floor under a control command: an empty 200 once a call ran on another thread."""
+    from twisted.internet.threads import deferToThread
+
+    return deferToThread(lambda: None).addCallback(lambda _: b"")
 
 
 def main(argv: Sequence[str]) -> None:

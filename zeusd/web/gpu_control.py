@@ -35,11 +35,11 @@ def gpu_control_app(gpus: GpuManager) -> Klein:
     app = Klein()
     install_error_handlers(app)
 
-    def handle(request: IRequest, operation: ControlOperation[Any], params: tuple[Param, ...]) -> Any:
+    def handle(request: IRequest, operation: ControlOperation[Any], params: tuple[Param, ...], names: tuple[str, ...]) -> Any:
         query = parse_query(request.uri, params)
         # Every id and argument is checked before anything is queued: a bad one changes nothing.
         ids = require_existing(query["gpu_ids"], "GPU", gpus.ids)
-        arguments = operation.arguments(**{name: query[name] for name in operation.argument_types()})
+        arguments = operation.arguments(**{name: query[name] for name in names})
         try:
             gpus.check(operation, ids, arguments)
         except InvalidArgument as e:
@@ -55,9 +55,16 @@ def gpu_control_app(gpus: GpuManager) -> Klein:
                 raise DeviceErrors(failed)
             return empty_ok(request)
 
+        if len(waits) == 1:
+            return waits[0].addCallback(lambda outcome: respond([outcome]))
         return gatherResults(waits).addCallback(respond)
 
     for operation in OPERATIONS:
         route = app.route(f"/gpu/{operation.name}", methods=["POST"], endpoint=operation.name)
-        route(lambda request, operation=operation, params=query_params(operation): handle(request, operation, params))
+        names = tuple(operation.argument_types())
+        route(
+            lambda request, operation=operation, params=query_params(operation), names=names: handle(
+                request, operation, params, names
+            )
+        )
     return app
