@@ -6,6 +6,9 @@ SOCKET ?= /tmp/zeusd.sock
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
+	@# Left by older set-ups: setuptools metadata in the checkout, and the deprecated pynvml shim.
+	rm -rf zeusd.egg-info
+	$(VENV)/bin/pip uninstall -q -y pynvml 2>/dev/null || true
 	$(VENV)/bin/pip install -q -e '.[test]'
 	touch $@
 
