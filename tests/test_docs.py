@@ -47,10 +47,10 @@ FENCE_LANGUAGES = {"sh", "console", "text", "json", "toml", "yaml", "ini", "prom
 
 #: What cannot run here: (pattern searched in the command, reason). The first match wins.
 SKIPS: tuple[tuple[str, str], ...] = (
-    (r"^systemctl\b", "changes the machine's services (systemd)"),
-    (r"^install\b.*\s/etc/", "installs into /etc (the machine's services)"),
+    (r"\bsystemctl\b", "changes the machine's services (systemd)"),
+    (r"^(sudo )?install\b.*\s/etc/", "installs into /etc (the machine's services)"),
     (r"^make (test|coverage|mutation)\b|(^|/)pytest\b", "the test suite itself"),
-    (r"^make bench|bench/(run|compare)\.py", "the benchmarks themselves (tests/test_bench_smoke.py and tests/test_bench_compare.py run them)"),
+    (r"^make bench|bench/(run|compare)\.py", "the benchmarks and their result files (minutes of load; tests/test_bench_smoke.py and tests/test_bench_compare.py run them)"),
     (
         r"-m venv\b|\bpip install\b|tests/zeus_clients/setup_venvs\.sh",
         "builds a virtual environment from PyPI: make's set-up does (.venv, make zeus-clients), and the commands here use those",
@@ -71,6 +71,11 @@ REWRITES: tuple[tuple[str, str, str], ...] = (
     (r"/tmp/zeus15/bin/python", "{zeus15}", "zeus 0.15.1 in the venv make zeus-clients built"),
     (r"/tmp/zeus16/bin/python", "{zeus16}", "zeus 0.16.0 in the venv make zeus-clients built"),
     (r"^make serve\b", "make serve SOCKET={sock}", "the Makefile's daemon, on the test's socket"),
+    (
+        r"\bzeusd serve\b(?!.*(--socket-path|--mode tcp|--tcp-bind-address|--listen))",
+        "zeusd serve --socket-path {sock}",
+        "a daemon's default socket (/var/run/zeusd.sock): the test's",
+    ),
     (r"^curl -N\b", "__docs_stream curl --fail-with-body --max-time 3 -N", "a stream is read for 3 s"),
     (r"^curl\b(?! --fail)", "curl --fail-with-body --max-time 10", "an HTTP error status fails the command"),
 )
@@ -89,6 +94,9 @@ EXPECT: tuple[tuple[str, str, str], ...] = (
 PRELUDE = """\
 __docs_stream() { "$@"; local rc=$?; [ "$rc" -eq 28 ] && return 0; return "$rc"; }  # 28: --max-time reached
 """
+
+#: Programs the commands use that a minimal system may lack (Debian packages of these names).
+PACKAGED_PROGRAMS = ("curl", "openssl", "make")
 
 COMMAND_TIMEOUT_S = 60.0
 
@@ -202,7 +210,7 @@ class Shell:
     def __init__(self, cwd: Path, env: dict[str, str], logs: Path) -> None:
         self.logs = logs
         status_read, status_write = os.pipe()
-        self.status_fd = status_write
+        self._child_fd = status_write  # bash reports each command's exit status on it
         self.proc = subprocess.Popen(
             ["bash", "--noprofile", "--norc"],
             stdin=subprocess.PIPE,
@@ -227,8 +235,8 @@ class Shell:
     def run(self, number: int, text: str, timeout: float) -> tuple[int | None, str]:
         """Exit status (None: still running at ``timeout``) and output of one command."""
         out = self.logs / f"{number}.out"
-        fd = self.status_fd
-        self._send(f"{{\n{text}\n}} >{shlex.quote(str(out))} 2>&1 {fd}>&-\necho \"{number} $?\" >&{fd}\n")
+        fd = self._child_fd
+        self._send(f"{{\n{text}\n}} </dev/null >{shlex.quote(str(out))} 2>&1 {fd}>&-\necho \"{number} $?\" >&{fd}\n")
         status = self._read_status(timeout)
         output = out.read_text(errors="replace") if out.exists() else ""
         if status is None:
@@ -253,37 +261,38 @@ class Shell:
         return line.decode()
 
     def end_input(self) -> None:
-        """The reader is done with this terminal: bash exits, what it started in the background keeps running."""
+        """The reader leaves this terminal: bash exits, what it started in the background keeps running."""
         if self.proc.stdin is not None and not self.proc.stdin.closed:
             self.proc.stdin.close()
         try:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+            self.kill()
 
     def kill(self) -> None:
-        """Stop everything the block started (its daemons), politely first."""
-        self.end_input()
+        """Stop everything the block started (its daemons), SIGTERM first so that they clean up."""
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            self.proc.stdin.close()
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            if not self._group_alive():
+                break
+            os.killpg(self.proc.pid, sig)
+            try:
+                wait_until(lambda: not self._group_alive(), "the block's processes to exit", timeout=15)
+            except AssertionError:
+                continue
+        self.proc.wait()
         if self._status is not None:
             os.close(self._status)
             self._status = None
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            if not _group_alive(self.proc.pid):
-                return
-            os.killpg(self.proc.pid, sig)
-            try:
-                wait_until(lambda: not _group_alive(self.proc.pid), "the block's processes to exit", timeout=15)
-            except AssertionError:
-                continue
 
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+    def _group_alive(self) -> bool:
+        self.proc.poll()  # reap bash: a zombie still counts as a member of its group
+        try:
+            os.killpg(self.proc.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
 
 
 def _path(doc: Path) -> str:
@@ -340,11 +349,6 @@ class DocRun:
             self.shells[key] = Shell(cwd, self.env(), logs)
         return self.shells[key]
 
-    def ensure_simulated_daemon(self, commands: list[Command]) -> None:
-        """A document whose commands start no daemon gets a simulated node on its socket."""
-        if self.simulated is None and not any(DAEMON.search(c.text) and not skip_reason(c.text) for c in commands):
-            self.simulated = Daemon(Transport("unix", self.sock), ["--simulate"], log_path=self.dir / "simulated.log").start()
-
     def run(self, command: Command) -> None:
         """Run ``command`` (after the doc's earlier ones, if this session has not run them yet)."""
         commands = [c for c in COMMANDS if c.block.doc == self.doc]
@@ -362,11 +366,17 @@ class DocRun:
         reason = skip_reason(command.text)
         if reason is not None:
             pytest.skip(f"{command.name} `{first_line(command.text)}`: {reason}")
-        self.ensure_simulated_daemon(commands)
+        for program in PACKAGED_PROGRAMS:
+            if re.search(rf"(^|[\s(;&|]){program}\b", command.text) and shutil.which(program) is None:
+                pytest.skip(f"{command.name}: {program} is not installed (apt-get install {program})")
         text = self.rewrite(command.text)
+        if text.startswith("make ") and subprocess.run(["make", "-q", ".venv/.installed"], cwd=REPO).returncode != 0:
+            pytest.skip(f"{command.name}: .venv is older than pyproject.toml; run `make .venv/.installed` (this test installs nothing)")
         daemon = DAEMON.search(text) is not None
         if daemon and not text.rstrip().endswith("&"):
             text += " &"
+        if self.sock in text and not any(DAEMON.search(c.text) and not skip_reason(c.text) for c in commands):
+            self.start_simulated_daemon()
         shell = self.shell(command)
         assert shell.broken is None, f"{command.name} not run: this block's shell was killed ({shell.broken})"
         code, output = shell.run(command.index, text, COMMAND_TIMEOUT_S)
@@ -379,6 +389,11 @@ class DocRun:
         for pattern, expected, why in EXPECT:
             if re.search(pattern, text):
                 assert re.search(expected, output), f"{why}: expected /{expected}/ in the output of {context}"
+
+    def start_simulated_daemon(self) -> None:
+        """The daemon a document that starts none talks to: a simulated node on the socket its commands name."""
+        if self.simulated is None:
+            self.simulated = Daemon(Transport("unix", self.sock), ["--simulate"], log_path=self.dir / "simulated.log").start()
 
     def wait_ready(self, text: str, context: str) -> None:
         if "--mode tcp" in text or "--tcp-bind-address" in text:
