@@ -440,3 +440,10 @@ def test_importing_the_daemon_warns_about_nothing() -> None:
     assert "nvidia-ml-py" in names and "pynvml" not in names
     r = subprocess.run([sys.executable, "-W", "error", "-c", "import zeusd.service, zeusd.cli"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stderr == "", r.stderr
+
+
+def test_help_into_a_closed_pipe_is_quiet() -> None:
+    if not ZEUSD.exists():
+        pytest.skip(f"console script {ZEUSD} is not installed")
+    r = subprocess.run(f"{ZEUSD} serve --help | head -1", shell=True, capture_output=True, text=True, timeout=30)
+    assert r.stdout.startswith("Usage: zeusd serve") and r.stderr == ""

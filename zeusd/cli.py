@@ -158,6 +158,16 @@ def parse_serve_options(argv: Sequence[str]) -> ServeOptions:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader went away (`zeusd serve --help | head`): nothing of ours failed.
+        # Point stdout at /dev/null so the interpreter's final flush stays quiet too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _main(argv: Sequence[str] | None) -> int:
     options = ZeusdOptions()
     try:
         options.parseOptions(list(sys.argv[1:] if argv is None else argv))
