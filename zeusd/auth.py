@@ -35,12 +35,12 @@ import stat
 import threading
 import time
 from fractions import Fraction
-from typing import TYPE_CHECKING, Any, Callable, Final, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Final, Sequence
 
 import jwt
 from jwt.algorithms import HMACAlgorithm
 
-from zeusd.errors import StartupError
+from zeusd.errors import AuthenticationError, ScopeError, StartupError
 
 if TYPE_CHECKING:
     from jwt.types import Options
@@ -106,34 +106,6 @@ def scope_names() -> tuple[str, ...]:
 
 
 # --------------------------------------------------------------------------- errors
-
-AuthFailure = Literal["missing", "invalid", "expired"]
-
-
-class AuthenticationError(Exception):
-    """No usable credentials: the header is missing or malformed, or the token does not verify.
-
-    ``reason`` is for logs and tests; ``message`` is what the client is told
-    (never the token itself).
-    """
-
-    def __init__(self, reason: AuthFailure, message: str) -> None:
-        super().__init__(message)
-        self.reason: AuthFailure = reason
-        self.message = message
-
-
-class ScopeError(Exception):
-    """A valid token that lacks the scope of the requested API group (E13)."""
-
-    def __init__(self, sub: str, group: str, scopes: Sequence[str]) -> None:
-        listed = ", ".join(f"'{s}'" for s in scopes)
-        self.message = f"Token for user '{sub}' lacks required scope '{group}'. Token scopes: [{listed}]"
-        super().__init__(self.message)
-        self.sub = sub
-        self.group = group
-        self.scopes = tuple(scopes)
-
 
 class _Invalid(Exception):
     """Internal: a verification failure whose text follows ``Invalid token: ``."""

@@ -22,7 +22,6 @@ from twisted.python import usage
 from zeusd.errors import StartupError
 from zeusd.groups import ApiGroup
 from zeusd.options import Flag, FlagOptions, ServeOptions, VersionOption
-from zeusd.watch import PowerOptions, WatchOptions
 
 SCOPE_NAMES_ORDERED = tuple(g.value for g in ApiGroup)
 LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
@@ -70,6 +69,13 @@ class TokenOptions(VersionOption, usage.Options):
             raise usage.UsageError("a subcommand is required: issue")
 
 
+def _client_options(command: str) -> usage.Options:
+    """The options of ``watch`` or ``power``, imported only when one of them runs (a daemon never does)."""
+    from zeusd.watch import PowerOptions, WatchOptions
+
+    return WatchOptions() if command == "watch" else PowerOptions()
+
+
 class ZeusdOptions(VersionOption, usage.Options):
     """zeusd: GPU and CPU power management and streaming daemon."""
 
@@ -78,8 +84,8 @@ class ZeusdOptions(VersionOption, usage.Options):
     subCommands = [
         ["serve", None, ServeOptions, "Run the daemon."],
         ["token", None, TokenOptions, "Manage bearer tokens."],
-        ["watch", None, WatchOptions, "Live power of one or more daemons."],
-        ["power", None, PowerOptions, "One power reading of one or more daemons."],
+        ["watch", None, lambda: _client_options("watch"), "Live power of one or more daemons."],
+        ["power", None, lambda: _client_options("power"), "One power reading of one or more daemons."],
     ]
 
     opt_V = VersionOption.opt_version

@@ -26,7 +26,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from zeusd.auth import AuthenticationError, ScopeError
+from zeusd.errors import AuthenticationError, ScopeError
 from zeusd.web.errors import ApiError, NotFound
 from zeusd.groups import LIVE_PAGE_PATHS, ApiGroup, group_for_path
 from zeusd.web.limits import BoundedBodyRequest, DeadlineChannel
