@@ -6,6 +6,7 @@ stderr), 2 for usage errors.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import time
@@ -183,7 +184,8 @@ def _main(argv: Sequence[str] | None) -> int:
         print(f"Error: {e}", file=sys.stderr)
         return 1
     if options.subCommand == "serve":
-        return serve(options.subOptions)
+        return serve(options.subOptions)  # collects again once it serves (ZeusdService)
+    gc.enable()
     if options.subCommand == "watch":
         from zeusd.watch import run_watch
 
