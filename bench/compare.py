@@ -224,7 +224,8 @@ SCENARIOS: dict[str, tuple[str, tuple[str, ...], int]] = {
     "idle": ("unix", (OURS, UPSTREAM, KLEIN), 1),
     "idle_tcp": ("tcp", (OURS, UPSTREAM, KLEIN), 1),
     "startup": ("unix", (OURS, UPSTREAM, KLEIN), 4),  # start-up is noisy: more samples, nothing else
-    "discover": ("unix", (OURS, UPSTREAM), 1),
+    "discover": ("unix", (OURS, UPSTREAM, KLEIN), 1),
+    "floor_command": ("unix", (KLEIN,), 1),
     "gpu_get_power": ("unix", (OURS, UPSTREAM), 1),
     "gpu_set_power_limit": ("unix", (OURS, UPSTREAM), 1),
     "stream": ("unix", (OURS, UPSTREAM), 1),
@@ -275,6 +276,7 @@ SCENARIO_RUN: dict[str, Callable[[Daemon, Context], dict[str, Any]]] = {
     "discover": lambda d, c: latency_one(d, "discover", c.plan.run_plan()),
     "gpu_get_power": lambda d, c: latency_one(d, "gpu_get_power", c.plan.run_plan(), c.plan.get_power_count),
     "gpu_set_power_limit": lambda d, c: latency_one(d, "gpu_set_power_limit", c.plan.run_plan()),
+    "floor_command": lambda d, c: latency_one(d, "floor_command", c.plan.run_plan()),
     "stream": lambda d, c: scenario_stream(d, c.plan.stream_subs, c.plan.run_plan()),
     "idle_after_stream": lambda d, c: idle_after_stream(d, c, WOBBLE_MW),
     "idle_after_stream_constant": lambda d, c: idle_after_stream(d, c, 0),
@@ -593,7 +595,14 @@ def floor_figures(runs: dict[str, dict[str, list[dict[str, Any]]]], starts: dict
     def start(who: str, transport: str) -> float | None:
         return statistics.median(starts[who][transport]) if starts[who][transport] else None
 
+    def p50(who: str, scenario: str) -> float | None:
+        return median_of(runs[who].get(scenario, []), lambda r: r["latency_us"]["p50"] / 1000)
+
     rows = [
+        ("discover_vs_klein", "GET /discover p50 vs bare Twisted + Klein's GET /discover", "ms", p50(OURS, "discover"),
+         p50(KLEIN, "discover"), None),
+        ("command_vs_klein", "set_power_limit block=true p50 vs Klein answering after a no-op on a thread", "ms",
+         p50(OURS, "gpu_set_power_limit"), p50(KLEIN, "floor_command"), None),
         ("rss_idle_uds", "RSS idle (UDS) vs bare Twisted + Klein", "MB", rss(OURS, "idle"), rss(KLEIN, "idle"), 1.2),
         ("rss_idle_tcp", "RSS idle (TCP) vs bare Twisted + Klein", "MB", rss(OURS, "idle_tcp"), rss(KLEIN, "idle_tcp"), 1.2),
         ("startup_vs_imports", "start-up (UDS) vs importing the stack modules it needs", "s", start(OURS, "unix"),

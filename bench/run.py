@@ -65,6 +65,8 @@ ENDPOINTS: dict[str, tuple[str, str, str | None]] = {
         f"/gpu/set_power_limit?gpu_ids=0&power_limit_mw={LIMITS_MW[0]}&block=true",
         f"/gpu/set_power_limit?gpu_ids=0&power_limit_mw={LIMITS_MW[1]}&block=true",
     ),
+    # bench/floor_klein.py: an empty 200 once a no-op ran on a thread (the floor under a command)
+    "floor_command": ("POST", "/command", None),
 }
 
 
