@@ -16,7 +16,8 @@ from twisted.internet.task import deferLater
 from twisted.web.http import HTTPChannel
 from twisted.web.test.requesthelper import DummyChannel
 
-from zeusd.web.fast_write import PRIVATE_ATTRIBUTES, direct_writer, fast_path_available
+from zeusd.streaming import Frame
+from zeusd.web.fast_write import PRIVATE_ATTRIBUTES, fast_path_available, frame_writer
 from zeusd.web.limits import DeadlineChannel
 
 
@@ -46,12 +47,20 @@ def test_a_real_socket_transport_has_what_the_fast_path_uses() -> Any:
         assert isinstance(transport.dataBuffer, bytes) and isinstance(transport._tempDataLen, int)
 
         class Channel:
-            pass
+            buffered: list[bytes] = []
+
+            def write(self, data: bytes) -> None:
+                self.buffered.append(data)
 
         channel = Channel()
         channel.transport = transport  # type: ignore[attr-defined]
-        channel.write = transport.write  # type: ignore[attr-defined]
-        assert direct_writer(channel) is not transport.write  # the fast writer, not the fallback
+        received: list[bytes] = []
+        client.dataReceived = received.append
+        frame_writer(channel, lambda payload: b"<" + payload + b">")(Frame(b"frame"))
+        assert channel.buffered == [] and transport.dataBuffer == b""  # straight to the socket, not buffered
+        while not received:
+            yield deferLater(reactor, 0, lambda: None)
+        assert b"".join(received) == b"<frame>"
         client.transport.loseConnection()
         transport.loseConnection()
     finally:
@@ -61,4 +70,5 @@ def test_a_real_socket_transport_has_what_the_fast_path_uses() -> Any:
 def test_a_transport_without_them_gets_the_public_write() -> None:
     channel = DummyChannel()
     assert not fast_path_available(channel.transport)
-    assert direct_writer(channel) == channel.write
+    frame_writer(channel, None)(Frame(b"frame"))
+    assert channel.transport.written.getvalue() == b"frame"

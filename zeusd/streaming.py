@@ -20,7 +20,7 @@ by its transport's buffers plus one frame.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Hashable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
@@ -50,20 +50,25 @@ class Frame:
     once per frame with :meth:`encoded`, not once per subscriber.
     """
 
-    __slots__ = ("payload", "_forms")
+    __slots__ = ("payload", "_encode", "_form", "_forms")
 
     def __init__(self, payload: bytes) -> None:
         self.payload = payload
-        self._forms: dict[Hashable, bytes] | None = None
+        self._encode: Callable[[bytes], bytes] | None = None
+        self._form = b""
+        self._forms: dict[Callable[[bytes], bytes], bytes] | None = None
 
-    def encoded(self, key: Hashable, encode: Callable[[bytes], bytes]) -> bytes:
-        forms = self._forms
-        if forms is None:
-            forms = self._forms = {}
-        data = forms.get(key)
-        if data is None:
-            data = forms[key] = encode(self.payload)
-        return data
+    def encoded(self, encode: Callable[[bytes], bytes]) -> bytes:
+        """``encode(payload)``, computed once per frame (and per encoding)."""
+        if encode is self._encode:
+            return self._form
+        if self._encode is None:
+            self._encode, self._form = encode, encode(self.payload)
+            return self._form
+        forms = self._forms = self._forms or {}
+        if encode not in forms:
+            forms[encode] = encode(self.payload)
+        return forms[encode]
 
 
 class StreamSink(Protocol):

@@ -24,7 +24,7 @@ from zope.interface import implementer
 
 from zeusd.streaming import Frame, StreamHub, Subscriber, UnknownStreamFormat
 from zeusd.web.errors import BadRequest
-from zeusd.web.fast_write import direct_writer
+from zeusd.web.fast_write import frame_writer
 
 #: Kernel send buffer of a stream socket (Linux doubles it): fixed instead of
 #: TCP autotuning's up to 4 MiB, so at a few hundred bytes a second a stalled
@@ -46,18 +46,17 @@ def chunk(payload: bytes) -> bytes:
 class ResponseSink:
     """A subscriber's frames, written to its HTTP response (chunked when the response is)."""
 
-    __slots__ = ("_transport", "_write", "_chunked")
+    __slots__ = ("_transport", "write")
 
     def __init__(self, request: Any) -> None:
         # Kept from the start: a finished request lets go of its channel.
         self._transport = getattr(request.channel, "transport", None)
-        self._chunked = bool(getattr(request, "chunked", False))
         # Frames are chunk-framed here, once per frame, and written below the
         # request (which would frame each write again, once per subscriber).
-        self._write: Callable[[bytes], None] = direct_writer(request.channel)
-
-    def write(self, frame: Frame) -> None:
-        self._write(frame.encoded("chunk", chunk) if self._chunked else frame.payload)
+        # ``write`` is the writer itself: one call per frame and subscriber.
+        self.write: Callable[[Frame], None] = frame_writer(
+            request.channel, chunk if getattr(request, "chunked", False) else None
+        )
 
     def abort(self) -> None:
         if self._transport is not None:
