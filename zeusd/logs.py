@@ -12,10 +12,15 @@ whose format does not fit their fields).
 
 from __future__ import annotations
 
+import re
 from typing import IO, Any
 
 from twisted.logger import ILogObserver, formatEventAsClassicLogText, formatTime
 from zope.interface import implementer
+
+
+#: A ``{name()}`` field: Twisted calls it, format_map cannot.
+_CALL_FIELD = re.compile(r"\{[^{}]*\(")
 
 
 @implementer(ILogObserver)
@@ -33,7 +38,7 @@ class TextLineObserver:
 
     def _line(self, event: dict[str, Any]) -> str | None:
         form = event.get("log_format")
-        if form is None or "log_failure" in event or "(" in form or "log_system" in event:
+        if form is None or "log_failure" in event or "log_system" in event or _CALL_FIELD.search(form):
             return formatEventAsClassicLogText(event, self._time)
         try:
             message = form.format_map(event)

@@ -36,6 +36,8 @@ class Param:
 def _decode(component: bytes) -> str:
     # x-www-form-urlencoded: '+' is a space, malformed escapes stay literal,
     # invalid UTF-8 is replaced (as serde_urlencoded does).
+    if b"%" not in component and b"+" not in component:
+        return component.decode("utf-8", "replace")  # the usual case, without unquoting
     return unquote_to_bytes(component.replace(b"+", b" ")).decode("utf-8", "replace")
 
 
