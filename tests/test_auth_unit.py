@@ -9,7 +9,6 @@ from fractions import Fraction
 import os
 import subprocess
 import sys
-import timeit
 import warnings
 from pathlib import Path
 from typing import Any
@@ -144,12 +143,15 @@ def test_issue_non_ascii_sub_is_raw_utf8_like_serde() -> None:
 
 
 @pytest.mark.parametrize(
-    "scopes, exp",
-    [(["gpu-write"], None), (["GPU-READ"], None), ("gpu-read", None), (["gpu-read"], -1), (["gpu-read"], 1.5),
-     (["gpu-read"], True)],
+    "scopes, exp, why",
+    [(["gpu-write"], None, "Invalid scope 'gpu-write'"), (["GPU-READ"], None, "Invalid scope 'GPU-READ'"),
+     ("gpu-read", None, "scopes must be a sequence of scope names, not a string"),
+     (["gpu-read"], -1, "exp must be a non-negative integer or None"),
+     (["gpu-read"], 1.5, "exp must be a non-negative integer or None"),
+     (["gpu-read"], True, "exp must be a non-negative integer or None")],
 )
-def test_issue_rejects_bad_input(scopes: Any, exp: Any) -> None:
-    with pytest.raises(ValueError):
+def test_issue_rejects_bad_input(scopes: Any, exp: Any, why: str) -> None:
+    with pytest.raises(ValueError, match=why):
         issue_token(KEY, "x", scopes, exp)
 
 
@@ -484,28 +486,6 @@ def test_failures_are_not_cached_and_cache_is_bounded() -> None:
     v.clear_cache()
     assert v._cache == {}
     assert "KEY" not in repr(v) and KEY.decode().strip() not in repr(v)
-
-
-def test_verification_cost(capsys: pytest.CaptureFixture[str]) -> None:
-    token = issue_token(KEY, "alice", ["gpu-read", "cpu-read"], NOW + 3600)
-    header = bearer(token)
-    cached = TokenVerifier(KEY, clock=lambda: NOW)
-    uncached = TokenVerifier(KEY, clock=lambda: NOW, cache_size=0)
-    n = 3000
-    t_cached = timeit.timeit(lambda: cached.verify_authorization(header), number=n) / n * 1e6
-    t_uncached = timeit.timeit(lambda: uncached.verify_authorization(header), number=n) / n * 1e6
-    bad = TokenVerifier(OTHER_KEY, clock=lambda: NOW, cache_size=0)
-
-    def reject() -> None:
-        try:
-            bad.verify_authorization(header)
-        except AuthenticationError:
-            pass
-
-    t_reject = timeit.timeit(reject, number=n) / n * 1e6
-    with capsys.disabled():
-        print(f"\n[auth] verify_authorization: uncached {t_uncached:.1f} us, cached {t_cached:.1f} us, "
-              f"wrong-key rejection {t_reject:.1f} us (n={n})")
 
 
 # --------------------------------------------------------------------------- scopes and errors
