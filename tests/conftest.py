@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
+from hypothesis import settings
 
 from tests.daemon import Daemon, Transport, free_tcp_port, terminate
 from tests.fakenvml import FakeNvml, build_library
 from tests.rapl_tree import RaplTree
 
 DaemonFactory = Callable[..., Daemon]
+
+# CI runs the property tests derandomized (examples derived from each test, no example database), so a
+# CI failure reproduces anywhere; a developer's run keeps exploring new examples. .ci/run selects "ci".
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+settings.load_profile(os.environ.get("ZEUSD_HYPOTHESIS_PROFILE", "default"))
 
 # A test run started in the background of a non-interactive shell (``make test &``)
 # inherits SIGINT ignored, and so would every daemon and ``zeusd watch`` it starts;

@@ -14,11 +14,12 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
+
+from tests.interpreter import python_for
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -205,7 +206,7 @@ class Daemon:
         env = {**os.environ, "ZEUSD_LOG_LEVEL": "debug", "PYTHONUNBUFFERED": "1", **self.env}
         log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "zeusd", "serve", *self.transport.serve_args, *self.args],
+            [python_for(self.user), "-m", "zeusd", "serve", *self.transport.serve_args, *self.args],
             cwd=REPO,
             env=env,
             stdout=log,
@@ -252,7 +253,7 @@ class Daemon:
 def run_zeusd(args: Sequence[str], env: Mapping[str, str] | None = None, user: int | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     """Run a zeusd command to completion (for CLI and startup-failure tests)."""
     return subprocess.run(
-        [sys.executable, "-m", "zeusd", *args],
+        [python_for(user), "-m", "zeusd", *args],
         cwd=REPO,
         env={**os.environ, **(env or {})},
         capture_output=True,
@@ -267,17 +268,22 @@ def unprivileged_user() -> int | None:
     return 65534 if os.geteuid() == 0 else None
 
 
+#: How long a test's daemon gets to exit on SIGTERM: more than its own grace for queued commands (10 s).
+TERMINATE_GRACE_S = 20.0
+
+
 def terminate(daemon: Daemon) -> None:
+    """End a test's daemon as production does, with SIGTERM, so it shuts down cleanly (and coverage saves
+    its data); SIGKILL only once it has outlived TERMINATE_GRACE_S (then the TimeoutExpired is raised)."""
     if daemon.process is not None and daemon.process.poll() is None:
-        daemon.process.send_signal(signal.SIGKILL)
-        daemon.process.wait()
+        daemon.stop(signal.SIGTERM, TERMINATE_GRACE_S)
 
 
 T = TypeVar("T")
 
 
-def wait_until(condition: Callable[[], T], what: str = "condition", timeout: float = 10.0) -> T:
-    """Poll ``condition`` until it returns something truthy, and return that."""
+def wait_until(condition: Callable[[], T | None], what: str = "condition", timeout: float = 10.0) -> T:
+    """Poll ``condition`` until it returns something truthy (not None), and return that."""
     deadline = time.monotonic() + timeout
     while not (result := condition()):
         assert time.monotonic() < deadline, f"timed out waiting for {what}"

@@ -7,6 +7,7 @@ a regression fails the test instead of hanging the suite.
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 from typing import Any, Callable, Coroutine, Iterator, TypeVar
@@ -364,7 +365,7 @@ async def test_stream_of_a_killed_daemon_raises(start_daemon: DaemonFactory, tra
     async with ZeusdClient(address(daemon)) as client:
         stream = await within(10, client.stream_gpu_power())
         assert len(await within(20, take(stream, 3))) == 3
-        terminate(daemon)
+        daemon.stop(signal.SIGKILL)  # gone without closing its streams
         with pytest.raises(ZeusdConnectionError, match="stream lost"):
             await within(20, take(stream, 1_000_000))
 

@@ -86,7 +86,11 @@ def test_serial_executor_runs_in_order_one_at_a_time_and_reports_idle() -> None:
         return "first"
 
     first = executor.submit(blocking)
-    second = executor.submit(lambda: order.append("second") or "second")
+    def second_call() -> str:
+        order.append("second")
+        return "second"
+
+    second = executor.submit(second_call)
     failing = executor.submit(lambda: 1 // 0)
     idle = executor.when_idle()
     assert executor.pending == 3 and not idle.called

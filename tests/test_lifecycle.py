@@ -94,7 +94,7 @@ def test_stop_runs_in_reverse_one_child_after_the_other(tmp_path: Path) -> None:
             result = stop()
             return streams_closed if isinstance(child, StreamService) else result
 
-        child.stopService = recorded  # type: ignore[method-assign]
+        child.stopService = recorded
     stopped = service.stopService()
     assert order == ["ListenerService", "MetricsService", "StreamService"]  # waiting for the streams
     assert not any(e.stopped for e in executors.made.values())

@@ -177,8 +177,8 @@ def test_socket_activation_serves_reads_and_streams(kind: str, tmp_path: Path, a
     assert first.status == 200 and len(first.json()["power_mw"]) == 4
     with client.stream("/cpu/stream_power") as stream:
         assert len(stream.events(2)) == 2
-    log = (tmp_path / "daemon.log").read_text()
-    assert "Listening on systemd socket index 0" in log
+    logged = (tmp_path / "daemon.log").read_text()
+    assert "Listening on systemd socket index 0" in logged
     if kind == "unix":
         assert stat.S_IMODE(os.stat(address).st_mode) == mode  # the mode it was given, not Twisted's default 0666
     p.send_signal(signal.SIGTERM)

@@ -43,7 +43,7 @@ def test_sse_streams_stay_encrypted(tmp_path: Path) -> None:
             conn.request("GET", path)
             response = conn.getresponse()
             assert response.status == 200 and response.getheader("Content-Type", "").startswith("text/event-stream")
-            events = []
+            events: list[dict[str, object]] = []
             while len(events) < 3:
                 line = response.readline()  # raises ssl.SSLError if a frame arrives unencrypted
                 assert line, "stream ended"
