@@ -62,11 +62,14 @@ class Transport:
 
     A ``tcp`` transport with ``ca_file`` speaks HTTPS to 127.0.0.1, trusting
     that certificate (the daemon gets its ``--tls-cert``/``--tls-key`` in its args).
+    ``host`` is what the daemon is told to bind (an IP address or a hostname) and
+    what the client connects to.
     """
 
     kind: str
     address: str | int
     ca_file: str | None = None
+    host: str = "127.0.0.1"
 
     def _tls(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=self.ca_file)
@@ -75,8 +78,8 @@ class Transport:
         if self.kind == "unix":
             return UnixHTTPConnection(str(self.address), timeout)
         if self.ca_file is not None:
-            return http.client.HTTPSConnection("127.0.0.1", int(self.address), timeout=timeout, context=self._tls())
-        return http.client.HTTPConnection("127.0.0.1", int(self.address), timeout=timeout)
+            return http.client.HTTPSConnection(self.host, int(self.address), timeout=timeout, context=self._tls())
+        return http.client.HTTPConnection(self.host, int(self.address), timeout=timeout)
 
     def raw_socket(self, timeout: float = 10.0) -> socket.socket:
         if self.kind == "unix":
@@ -84,14 +87,15 @@ class Transport:
             sock.settimeout(timeout)
             sock.connect(str(self.address))
             return sock
-        sock = socket.create_connection(("127.0.0.1", int(self.address)), timeout=timeout)
-        return self._tls().wrap_socket(sock, server_hostname="127.0.0.1") if self.ca_file is not None else sock
+        sock = socket.create_connection((self.host, int(self.address)), timeout=timeout)
+        return self._tls().wrap_socket(sock, server_hostname=self.host) if self.ca_file is not None else sock
 
     @property
     def serve_args(self) -> list[str]:
         if self.kind == "unix":
             return ["--mode", "uds", "--socket-path", str(self.address)]
-        return ["--mode", "tcp", "--tcp-bind-address", f"127.0.0.1:{self.address}"]
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return ["--mode", "tcp", "--tcp-bind-address", f"{host}:{self.address}"]
 
 
 class Client:
