@@ -14,6 +14,7 @@ from typing import Any, Callable
 import pytest
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
 from tests.manual import ManualExecutors, StreamRequest
@@ -295,3 +296,49 @@ def test_wrap_guard_reads_idle_zones_at_half_the_shortest_wrap_time() -> None:
     assert executor.pending == 0  # read moments ago (on the device's clock): not stale
     service.stopService()
     assert clock.getDelayedCalls() == [] and executor.stopped
+
+
+class BrokenZone(CountingZone):
+    """A zone whose read fails with something that is not a DeviceError (a bug, or sysfs gone strange)."""
+
+    def read_raw_uj(self) -> int:
+        super().read_raw_uj()
+        raise RuntimeError("sysfs returned nonsense")
+
+
+def test_a_non_device_exception_from_a_rapl_read_is_a_counted_500_for_that_package_only() -> None:
+    clock, executors = Clock(), ManualExecutors()
+    cpus = CpuManager(clock, executors)
+    failed: list[tuple[int, str]] = []
+    cpus.on_read_error = lambda index, what: failed.append((index, what))
+    cpus.open([CpuPackage(0, BrokenZone("package-0", 1 << 32), None), CpuPackage(1, CountingZone("package-1", 1 << 32), None)])
+    d = cpus.read_energy([0, 1], cpu=True, dram=False)
+    with capturedLogs() as events:
+        executors["zeusd-cpu-0"].run_all()
+    executors["zeusd-cpu-1"].run_all()
+    assert [formatEvent(e) for e in events] == ["Unexpected error from CPU 0"]  # with its traceback
+    results = outcome(d)
+    assert results[1] == (1, None)
+    error = results[0]
+    assert isinstance(error, DeviceError) and error.status == 500
+    assert error.message == "IOError: sysfs returned nonsense"
+    assert failed == [(0, "energy read")]
+
+
+def test_a_failing_wraparound_guard_read_is_logged_and_tried_again_later() -> None:
+    clock, executors = Clock(), ManualExecutors()
+    zone = BrokenZone("package-0", 262_143_328_850)
+    cpus = CpuManager(clock, executors)
+    service = CpuService(clock, cpus, lambda: [CpuPackage(0, zone, None)], None)
+    service.startService()
+    interval = wrap_guard_interval([cpus.packages[0].package])
+    executor = executors["zeusd-cpu-0"]
+    for reads in (1, 2):
+        clock.advance(interval)
+        assert executor.pending == 1
+        with capturedLogs() as events:
+            executor.run_next()  # raises inside the guard: logged, not propagated
+        assert zone.reads == reads
+        assert [formatEvent(e) for e in events] == ["Wraparound guard read of CPU 0 failed"]
+        assert events[0]["log_failure"].check(RuntimeError)
+    service.stopService()
