@@ -57,7 +57,8 @@ def test_concurrent_multi_gpu_writes_never_lose_or_mix_a_setting(start_daemon: D
     def send(v: int) -> Response:
         return daemon.client.post(f"/gpu/set_power_limit?gpu_ids=0,1,2,3&power_limit_mw={v}&block=true")
 
-    fake.set_delay("nvmlDeviceSetPowerManagementLimit", 5)  # every GPU: commands queue up behind each other
+    for gpu in range(4):  # commands queue up behind each other, each GPU's queue draining at its own pace
+        fake.set_delay("nvmlDeviceSetPowerManagementLimit", 4 * gpu, gpu=gpu)
     with ThreadPoolExecutor(8) as pool:
         assert all(r.status == 200 for r in pool.map(send, values))
     # A request queues its command on every GPU at once, so every GPU runs the commands in the one order
