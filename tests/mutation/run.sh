@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 rm -rf mutants
 started=$(date +%s)
-.venv/bin/mutmut run --max-children "${MUTMUT_CHILDREN:-2}" >/dev/null || true
+mkdir -p build
+.venv/bin/mutmut run --max-children "${MUTMUT_CHILDREN:-2}" >build/mutmut-run.log 2>&1 || { tail -20 build/mutmut-run.log; exit 1; }
 .venv/bin/mutmut results --all true | .venv/bin/python tests/mutation/scores.py
 echo "mutation run took $(( $(date +%s) - started )) s"
