@@ -279,8 +279,20 @@ TERMINATE_GRACE_S = 20.0
 def terminate(daemon: Daemon) -> None:
     """End a test's daemon as production does, with SIGTERM, so it shuts down cleanly (and coverage saves
     its data); SIGKILL only once it has outlived TERMINATE_GRACE_S (then the TimeoutExpired is raised)."""
-    if daemon.process is not None and daemon.process.poll() is None:
-        daemon.stop(signal.SIGTERM, TERMINATE_GRACE_S)
+    if daemon.process is not None:
+        end_process(daemon.process)
+
+
+def end_process(process: subprocess.Popen[Any]) -> None:
+    """:func:`terminate` for a process a test started itself (a runner, a socket-activated daemon)."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(TERMINATE_GRACE_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            raise
 
 
 T = TypeVar("T")

@@ -17,7 +17,7 @@ from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
-from tests.manual import ManualExecutors, StreamRequest
+from tests.manual import ManualExecutor, ManualExecutors, StreamRequest
 from zeusd.devices.base import DeviceError
 from zeusd.devices.cpu.base import CpuPackage
 from zeusd.devices.cpu.manager import CpuManager, wrap_guard_interval
@@ -277,15 +277,19 @@ class CountingZone:
         return self.reads
 
 
-def test_wrap_guard_reads_idle_zones_at_half_the_shortest_wrap_time() -> None:
+def guarded(zone: CountingZone) -> tuple[Clock, CpuService, ManualExecutor, float]:
+    """A started CPU service over one package with ``zone``: its clock, its executor and the guard interval."""
     clock, executors = Clock(), ManualExecutors()
-    zone = CountingZone("package-0", 262_143_328_850)
     cpus = CpuManager(clock, executors)
     service = CpuService(clock, cpus, lambda: [CpuPackage(0, zone, None)], None)
     service.startService()
-    interval = wrap_guard_interval([cpus.packages[0].package])
+    return clock, service, executors["zeusd-cpu-0"], wrap_guard_interval([cpus.packages[0].package])
+
+
+def test_wrap_guard_reads_idle_zones_at_half_the_shortest_wrap_time() -> None:
+    zone = CountingZone("package-0", 262_143_328_850)
+    clock, service, executor, interval = guarded(zone)
     assert interval == pytest.approx(131.07, abs=0.01)
-    executor = executors["zeusd-cpu-0"]
     clock.advance(interval)
     assert executor.pending == 1  # one guard read queued
     clock.advance(interval)
@@ -326,13 +330,8 @@ def test_a_non_device_exception_from_a_rapl_read_is_a_counted_500_for_that_packa
 
 
 def test_a_failing_wraparound_guard_read_is_logged_and_tried_again_later() -> None:
-    clock, executors = Clock(), ManualExecutors()
     zone = BrokenZone("package-0", 262_143_328_850)
-    cpus = CpuManager(clock, executors)
-    service = CpuService(clock, cpus, lambda: [CpuPackage(0, zone, None)], None)
-    service.startService()
-    interval = wrap_guard_interval([cpus.packages[0].package])
-    executor = executors["zeusd-cpu-0"]
+    clock, service, executor, interval = guarded(zone)
     for reads in (1, 2):
         clock.advance(interval)
         assert executor.pending == 1

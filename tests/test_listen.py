@@ -22,7 +22,7 @@ from twisted.internet.protocol import Factory
 
 from tests.conftest import DaemonFactory
 from tests.daemon import (
-    REPO, Client, Daemon, Transport, free_tcp_port, run_zeusd, self_signed_cert, terminate, wait_until,
+    REPO, Client, Daemon, Transport, end_process, free_tcp_port, run_zeusd, self_signed_cert, terminate, wait_until,
     write_signing_key,
 )
 from zeusd.listeners import ListenerSpec, ListenSyntaxError, parse_listen, split_description
@@ -151,9 +151,7 @@ def activated() -> Iterator[list[subprocess.Popen[Any]]]:
     started: list[subprocess.Popen[Any]] = []
     yield started
     for p in started:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+        end_process(p)
 
 
 @pytest.mark.parametrize("kind", ["unix", "tcp"])
