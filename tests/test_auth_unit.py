@@ -7,6 +7,7 @@ import json
 import math
 from fractions import Fraction
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -151,7 +152,7 @@ def test_issue_non_ascii_sub_is_raw_utf8_like_serde() -> None:
      (["gpu-read"], True, "exp must be a non-negative integer or None")],
 )
 def test_issue_rejects_bad_input(scopes: Any, exp: Any, why: str) -> None:
-    with pytest.raises(ValueError, match=why):
+    with pytest.raises(ValueError, match=f"^{re.escape(why)}"):
         issue_token(KEY, "x", scopes, exp)
 
 
@@ -686,3 +687,69 @@ def test_parse_scopes_invalid(values: list[str], bad: str) -> None:
     assert f"'{bad}'" in msg
     for name in SCOPE_NAMES:
         assert name in msg
+
+
+# --------------------------------------------------------------------------- boundaries and exact wording
+
+
+_MAX_EXP = 2**64 - 1  # exp is a u64 upstream
+
+
+def test_issue_accepts_exp_from_zero_to_the_u64_maximum() -> None:
+    for exp in (0, _MAX_EXP):
+        payload = json.loads(base64.urlsafe_b64decode(issue_token(KEY, "x", [], exp).split(".")[1] + "=="))
+        assert payload["exp"] == exp
+    with pytest.raises(ValueError, match="^exp must be a non-negative integer or None$"):
+        issue_token(KEY, "x", [], _MAX_EXP + 1)
+
+
+@pytest.mark.parametrize(
+    ("key", "sub", "why"),
+    [(b"", "x", "signing key must be non-empty bytes"), ("a str key", "x", "signing key must be non-empty bytes"),
+     (KEY, 5, "sub must be a string"), (KEY, "\udc80", "sub is not valid Unicode text")],
+)
+def test_issue_refuses_a_bad_key_or_subject_naming_it(key: Any, sub: Any, why: str) -> None:
+    with pytest.raises(ValueError, match=f"^{re.escape(why)}$"):
+        issue_token(key, sub, ["gpu-read"], None)
+
+
+def test_parse_expires_at_its_boundaries() -> None:
+    assert parse_expires("0s", 0) == 0
+    assert parse_expires("1s", _MAX_EXP - 1) == _MAX_EXP
+    assert parse_expires(f"{_MAX_EXP}s", 0) == _MAX_EXP
+    assert parse_expires("1.05m", 0) == 63  # a decimal fraction of its unit
+    for text, now in (("1s", _MAX_EXP), (f"{_MAX_EXP + 1}s", 0)):
+        with pytest.raises(ValueError) as ei:
+            parse_expires(text, now)
+        assert str(ei.value) == f"Invalid duration '{text}'. Use e.g. '1h', '7d', '30d', or 'never'."
+    with pytest.raises(ValueError, match="^now must be finite$"):
+        parse_expires("1h", float("inf"))
+
+
+def _segment(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [
+        ("abcde", "Base64 error: Invalid input length."),
+        ("e31", "Base64 error: Invalid last symbol 49, offset 2."),  # "{}" with its unused low bits set
+        (_segment(b'{"alg": false}'), "JSON error: invalid type: boolean `false`, expected a string"),
+        (_segment(b'{"alg": true}'), "JSON error: invalid type: boolean `true`, expected a string"),
+        (_segment(b"[1]"), "JSON error: invalid type: sequence, expected struct Header"),
+        (_segment(b'{"alg": NaN}'), "JSON error: NaN is not valid JSON"),
+        (_segment(json.dumps({"alg": "x" * 5 + "\u0001\u00e9"}).encode()),
+         "JSON error: unknown variant `xxxxx??`, expected one of `HS256`, `HS384`, `HS512`, `ES256`, `ES384`, "
+         "`RS256`, `RS384`, `RS512`, `PS256`, `PS384`, `PS512`, `EdDSA`"),
+        (_segment(json.dumps({"alg": "y" * 33}).encode()), f"JSON error: unknown variant `{'y' * 32}...`, expected one of "
+         "`HS256`, `HS384`, `HS512`, `ES256`, `ES384`, `RS256`, `RS384`, `RS512`, `PS256`, `PS384`, `PS512`, `EdDSA`"),
+        (_segment(json.dumps({"alg": "y" * 32}).encode()), f"JSON error: unknown variant `{'y' * 32}`, expected one of "
+         "`HS256`, `HS384`, `HS512`, `ES256`, `ES384`, `RS256`, `RS384`, `RS512`, `PS256`, `PS384`, `PS512`, `EdDSA`"),
+    ],
+    ids=["length", "last-symbol", "false", "true", "sequence", "nan", "sanitized", "truncated", "whole"],
+)
+def test_header_refusals_are_worded_exactly_and_never_echo_raw_input(header: str, message: str) -> None:
+    """The header is checked before the signature: these words reach any client (bounded, printable ASCII)."""
+    token = f"{header}.e30.{'A' * 43}"
+    assert invalid_token(TokenVerifier(KEY, clock=lambda: NOW), token) == message

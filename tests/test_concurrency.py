@@ -8,11 +8,12 @@ No test sleeps, and none asserts on wall-clock time.
 
 from __future__ import annotations
 
+import gc
 import threading
 from typing import Any, Callable
 
 import pytest
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
@@ -22,7 +23,7 @@ from zeusd.devices.base import DeviceError
 from zeusd.devices.cpu.base import CpuPackage
 from zeusd.devices.cpu.manager import CpuManager, wrap_guard_interval
 from zeusd.devices.cpu.service import CpuService
-from zeusd.devices.executor import SerialExecutor, SingleFlight, gather_within
+from zeusd.devices.executor import SerialExecutor, SingleFlight, gather, gather_within, thread_executors
 from zeusd.devices.readings import Reading, Sample
 from zeusd.devices.sampling import TICK_DEADLINE_SHARE, Round
 from zeusd.sse import GPU_ENCODERS
@@ -66,10 +67,41 @@ def test_serial_executor_starts_no_thread_until_started() -> None:
     executor = SerialExecutor(reactor, "test-executor")  # type: ignore[arg-type]
     ran: list[int] = []
     d = executor.submit(ran.append, 1)
-    assert threading.active_count() == threads and ran == [] and executor.pending == 1
+    idle = executor.when_idle()
+    assert threading.active_count() == threads and ran == [] and executor.pending == 1 and not idle.called
     executor.start()
     reactor.deliver(1)
-    assert ran == [1] and outcome(d) is None and executor.pending == 0
+    assert ran == [1] and outcome(d) is None and executor.pending == 0 and idle.called
+    executor.stop()
+
+
+def test_serial_executor_thread_is_named_for_its_device_and_never_keeps_the_process_alive() -> None:
+    reactor = QueuedReactor()
+    executor = thread_executors(reactor)("zeusd-gpu-7")  # type: ignore[arg-type]
+    executor.start()
+    [thread] = [t for t in threading.enumerate() if t.name == "zeusd-gpu-7"]
+    assert thread.daemon  # a call hung in a driver must not hang the daemon's exit
+    with pytest.raises(RuntimeError, match="^executor zeusd-gpu-7 already started$"):
+        executor.start()
+    done = executor.submit(lambda: "queued before stop")
+    executor.stop()
+    reactor.deliver(1)
+    thread.join(10)
+    assert outcome(done) == "queued before stop" and not thread.is_alive()
+
+
+def test_serial_executor_is_idle_only_once_every_call_has_finished() -> None:
+    reactor = QueuedReactor()
+    executor = SerialExecutor(reactor, "test-executor")  # type: ignore[arg-type]
+    executor.start()
+    gate = threading.Event()
+    first, second = executor.submit(gate.wait, 10), executor.submit(lambda: 2)
+    idle = executor.when_idle()
+    gate.set()
+    reactor.deliver(1)
+    assert outcome(first) is True and executor.pending == 1 and not idle.called
+    reactor.deliver(1)
+    assert outcome(second) == 2 and idle.called
     executor.stop()
 
 
@@ -129,6 +161,33 @@ def test_single_flight_shares_one_call_and_lets_a_caller_leave() -> None:
     assert outcome(other).value.message == "broken"
     flight.call("k", int)
     assert len(started) == 3  # a settled key starts a new call
+
+
+def test_single_flight_the_first_caller_leaving_does_not_rob_the_others() -> None:
+    started: list[Deferred[int]] = []
+
+    def run(fn: Callable[..., Any], *args: Any) -> Deferred[int]:
+        d: Deferred[int] = Deferred()
+        started.append(d)
+        return d
+
+    flight = SingleFlight(run)
+    a, b, c = flight.call("k", int), flight.call("k", int), flight.call("k", int)
+    a.cancel()
+    c.cancel()
+    started[0].callback(5)
+    assert outcome(b) == 5 and len(started) == 1
+    assert outcome(a).check(CancelledError) and outcome(c).check(CancelledError)
+
+
+def test_gather_turns_other_failures_into_device_errors_and_leaves_none_unhandled() -> None:
+    with capturedLogs() as events:
+        results = outcome(gather({0: fail(ValueError("odd reply")), 1: succeed(3), 2: fail(DeviceError("gone", 403))}))
+        gc.collect()  # an unconsumed failure would be logged as "Unhandled error in Deferred" here
+    assert results[1] == 3
+    assert (results[0].message, results[0].status) == ("Unexpected error: odd reply", 500)
+    assert (results[2].message, results[2].status) == ("gone", 403)
+    assert [formatEvent(e) for e in events] == []
 
 
 def test_gather_within_reports_the_late_device_alone_and_cancels_its_timer() -> None:

@@ -47,6 +47,7 @@ def test_split_query_decodes_form_encoding_in_order() -> None:
     assert split_query(b"/x?k=%zz%4") == [("k", "%zz%4")]  # malformed escapes stay literal
     assert split_query(b"/x?k=%ff") == [("k", "\ufffd")]  # invalid UTF-8 is replaced
     assert split_query(b"/x?k=a=b") == [("k", "a=b")]  # only the first '=' splits
+    assert split_query(b"/x?k=a?b") == [("k", "a?b")]  # only the first '?' starts the query
 
 
 # --------------------------------------------------------------------------- parse_u32
@@ -137,6 +138,7 @@ def test_require_existing_for_control_and_counters() -> None:
     assert refusal(require_existing, "", "GPU", range(4)) == "gpu_ids must contain at least one GPU index"
     assert refusal(require_existing, "1,4,5", "GPU", range(4)) == "GPU index 4 does not exist."  # the first one
     assert refusal(require_existing, "0", "CPU", []) == "CPU index 0 does not exist."
+    assert refusal(require_existing, "0,,1", "GPU", range(4)) == "gpu_ids contains an empty GPU index"
 
 
 def test_select_known_for_readings_and_streams() -> None:
@@ -149,6 +151,9 @@ def test_select_known_for_readings_and_streams() -> None:
     assert refusal(select_known, many, "GPU", range(4)) == f"Unknown GPU indices: [{shown}, ...]. Available: {{0, 1, 2, 3}}"
     sixteen = ",".join(str(i) for i in range(10, 26))
     assert refusal(select_known, sixteen, "GPU", [0]) == f"Unknown GPU indices: [{shown}]. Available: {{0}}"
+    seventeen = ",".join(str(i) for i in range(10, 27))
+    assert refusal(select_known, seventeen, "GPU", [0]) == f"Unknown GPU indices: [{shown}, ...]. Available: {{0}}"
+    assert refusal(select_known, "1,x", "CPU", [0, 1]) == "Invalid CPU index: x"
 
 
 def test_id_map_has_decimal_keys_in_ascending_order() -> None:
