@@ -145,7 +145,8 @@ def test_issue_non_ascii_sub_is_raw_utf8_like_serde() -> None:
 
 @pytest.mark.parametrize(
     "scopes, exp, why",
-    [(["gpu-write"], None, "Invalid scope 'gpu-write'"), (["GPU-READ"], None, "Invalid scope 'GPU-READ'"),
+    [(["gpu-write"], None, "Invalid scope 'gpu-write'. Valid scopes: gpu-control, gpu-read, cpu-read, metrics"),
+     (["GPU-READ"], None, "Invalid scope 'GPU-READ'"),
      ("gpu-read", None, "scopes must be a sequence of scope names, not a string"),
      (["gpu-read"], -1, "exp must be a non-negative integer or None"),
      (["gpu-read"], 1.5, "exp must be a non-negative integer or None"),
@@ -545,7 +546,7 @@ def test_key_is_raw_bytes_including_newline(tmp_path: Path) -> None:
     assert load_signing_key(write_key(tmp_path, raw, name="bin")) == raw
 
 
-@pytest.mark.parametrize("mode", [0o600, 0o400, 0o640, 0o660])
+@pytest.mark.parametrize("mode", [0o600, 0o400, 0o640, 0o660, 0o601])  # 'other' may neither read nor write
 def test_key_modes_accepted(tmp_path: Path, mode: int) -> None:
     assert load_signing_key(write_key(tmp_path, KEY, mode)) == KEY
 
@@ -753,3 +754,69 @@ def test_header_refusals_are_worded_exactly_and_never_echo_raw_input(header: str
     """The header is checked before the signature: these words reach any client (bounded, printable ASCII)."""
     token = f"{header}.e30.{'A' * 43}"
     assert invalid_token(TokenVerifier(KEY, clock=lambda: NOW), token) == message
+
+
+def test_extra_dots_stay_in_the_header_part_like_upstream() -> None:
+    h, p, s = issue_token(KEY, "a", ["gpu-read"], None).split(".")
+    v = TokenVerifier(KEY, clock=lambda: NOW)
+    # Split from the right: the header part is "h.x", and its '.' is the bad symbol.
+    assert invalid_token(v, f"{h}.x.{p}.{s}") == f"Base64 error: Invalid symbol 46, offset {len(h)}."
+
+
+def test_verified_claims_at_their_limits() -> None:
+    v = TokenVerifier(KEY, clock=lambda: NOW)
+    assert v.verify_token(jwt.encode({"sub": "a", "scopes": [], "exp": 2**64 - 1}, KEY, algorithm="HS256")).exp == 2**64 - 1
+    signed = jwt.encode({"sub": "a", "scopes": [5]}, KEY, algorithm="HS256")
+    assert invalid_token(v, signed) == "JSON error: invalid type: integer `5`, expected a scope name"
+
+
+def test_failure_reasons_and_an_expired_token_leaves_the_cache() -> None:
+    clock = [float(NOW)]
+    v = TokenVerifier(KEY, leeway_s=0, clock=lambda: clock[0])
+    token = issue_token(KEY, "a", ["gpu-read"], NOW + 10)
+    v.verify_token(token)
+    assert token in v._cache
+    clock[0] = NOW + 11
+    expired = invalid(v, bearer(token))
+    assert (expired.reason, expired.message) == ("expired", "Token has expired.")
+    assert token not in v._cache  # not kept to be re-checked on every request
+    bad = invalid(v, bearer(token[:-2] + "AA"))
+    assert bad.reason == "invalid"
+
+
+def test_only_tokens_up_to_4096_characters_are_cached() -> None:
+    v = TokenVerifier(KEY, clock=lambda: NOW)
+    by_length: dict[int, str] = {}
+    for n in range(2900, 3100):
+        token = issue_token(KEY, "s" * n, [], None)
+        by_length.setdefault(len(token), token)
+    for length, cached in ((4095, True), (4096, True), (4097, False), (4098, False)):
+        if length not in by_length:
+            continue  # base64 lengths skip some values
+        v.verify_token(by_length[length])
+        assert (by_length[length] in v._cache) is cached, length
+    assert 4096 in by_length and any(n > 4096 for n in by_length)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "why"),
+    [({"key": b""}, "signing key must be non-empty bytes"), ({"key": "text"}, "signing key must be non-empty bytes"),
+     ({"key": KEY, "leeway_s": -1}, "leeway_s and cache_size must be >= 0"),
+     ({"key": KEY, "cache_size": -1}, "leeway_s and cache_size must be >= 0"),
+     ({"key": b"-----BEGIN PUBLIC KEY-----\nMFkw\n-----END PUBLIC KEY-----\n"},
+      "signing key looks like an asymmetric key, certificate or JWK, not an HMAC secret")],
+)
+def test_verifier_refuses_a_bad_key_or_setting(kwargs: dict[str, Any], why: str) -> None:
+    with pytest.raises(ValueError, match=f"^{re.escape(why)}$"):
+        TokenVerifier(**kwargs)
+
+
+def test_key_file_size_limit_is_one_mebibyte(tmp_path: Path) -> None:
+    limit = 1 << 20
+    assert len(load_signing_key(write_key(tmp_path, b"k" * limit, name="exact"))) == limit
+    over = write_key(tmp_path, b"k" * (limit + 1), name="over")
+    with pytest.raises(StartupError) as ei:
+        load_signing_key(over)
+    assert str(ei.value) == f"Signing key file '{over}' is too large to be a key (over {limit} bytes)"
+
+

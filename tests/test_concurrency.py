@@ -75,7 +75,11 @@ def test_serial_executor_starts_no_thread_until_started() -> None:
     executor.stop()
 
 
-def test_serial_executor_thread_is_named_for_its_device_and_never_keeps_the_process_alive() -> None:
+def test_serial_executor_thread_is_named_for_its_device_and_never_keeps_the_process_alive(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    crashed: list[Any] = []
+    monkeypatch.setattr(threading, "excepthook", crashed.append)
     reactor = QueuedReactor()
     executor = thread_executors(reactor)("zeusd-gpu-7")  # type: ignore[arg-type]
     executor.start()
@@ -88,6 +92,7 @@ def test_serial_executor_thread_is_named_for_its_device_and_never_keeps_the_proc
     reactor.deliver(1)
     thread.join(10)
     assert outcome(done) == "queued before stop" and not thread.is_alive()
+    assert crashed == []  # it ended because it was told to, not by an exception
 
 
 def test_serial_executor_is_idle_only_once_every_call_has_finished() -> None:
