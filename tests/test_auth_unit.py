@@ -820,3 +820,11 @@ def test_key_file_size_limit_is_one_mebibyte(tmp_path: Path) -> None:
     assert str(ei.value) == f"Signing key file '{over}' is too large to be a key (over {limit} bytes)"
 
 
+
+
+def test_the_default_cache_keeps_the_256_most_recent_tokens() -> None:
+    v = TokenVerifier(KEY, clock=lambda: NOW)
+    tokens = [issue_token(KEY, f"u{n}", [], None) for n in range(257)]
+    for token in tokens:
+        v.verify_token(token)
+    assert len(v._cache) == 256 and tokens[0] not in v._cache and tokens[-1] in v._cache
