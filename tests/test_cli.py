@@ -132,6 +132,12 @@ def test_usage_errors_exit_2(args: list[str], needle: str) -> None:
     assert "Traceback" not in r.stderr
 
 
+def test_an_unknown_log_level_stops_serve_naming_the_choices(tmp_path: Path) -> None:
+    r = zeusd("serve", "--simulate", "--socket-path", str(tmp_path / "s.sock"), env={"ZEUSD_LOG_LEVEL": " Loud "})
+    assert r.returncode == 1 and r.stdout == "" and not (tmp_path / "s.sock").exists()
+    assert r.stderr.splitlines() == ["Error: ZEUSD_LOG_LEVEL='loud' is not one of: debug, info, warn, error, critical"]
+
+
 @pytest.mark.parametrize("command", ["serve", "token issue"])
 def test_single_valued_flags_may_not_be_repeated(tmp_path: Path, command: str) -> None:
     # Both variants fail fast on the missing key file if the repeat is not caught first.

@@ -166,7 +166,7 @@ def test_socket_activation_serves_reads_and_streams(kind: str, tmp_path: Path, a
         transport = Transport("tcp", port)
     with open(tmp_path / "daemon.log", "wb") as log:
         p = subprocess.Popen(
-            [activate, "-l", address, "--", str(ZEUSD), "serve", "--simulate"],
+            [activate, "-l", address, *_coverage_env(), "--", str(ZEUSD), "serve", "--simulate"],
             stdout=log, stderr=subprocess.STDOUT,
         )
     activated.append(p)
@@ -187,6 +187,11 @@ def test_socket_activation_serves_reads_and_streams(kind: str, tmp_path: Path, a
     assert p.wait(30) == 0
     if kind == "unix":
         assert os.path.exists(address)  # the socket file belongs to whoever passed it
+
+
+def _coverage_env() -> list[str]:
+    """systemd-socket-activate passes no environment on: name coverage's, so a measured run measures the daemon."""
+    return [arg for name in ("COVERAGE_PROCESS_CONFIG", "COVERAGE_FILE") if name in os.environ for arg in ("-E", name)]
 
 
 def _first_answer(client: Client) -> Any:
