@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 from hypothesis import settings
 
-from tests.daemon import Daemon, Transport, free_tcp_port, terminate
+from tests.daemon import Daemon, Transport, end_process, free_tcp_port, terminate
 from tests.fakenvml import FakeNvml, build_library
 from tests.rapl_tree import RaplTree
 
@@ -54,6 +55,16 @@ def start_daemon(tmp_path: Path) -> Iterator[DaemonFactory]:
     yield start
     for daemon in started:
         terminate(daemon)
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[Any]]]:
+    """Subprocesses a test starts itself (runners, socket activation); any still running at the end are
+    stopped like daemons (SIGTERM, then SIGKILL)."""
+    started: list[subprocess.Popen[Any]] = []
+    yield started
+    for p in started:
+        end_process(p)
 
 
 @pytest.fixture(scope="module")

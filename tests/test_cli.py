@@ -22,7 +22,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import jwt
 import pytest
 
-from tests.daemon import REPO, Client, Transport, end_process, free_tcp_port, unprivileged_user, write_signing_key
+from tests.daemon import REPO, Client, Transport, free_tcp_port, unprivileged_user, write_signing_key
 from tests.interpreter import python_for
 
 BIN = Path(sys.executable).parent
@@ -64,15 +64,6 @@ def wait_for_discover(client: Client, process: subprocess.Popen[Any], timeout: f
             pass
         time.sleep(0.1)
     raise AssertionError("daemon did not answer /discover")
-
-
-@pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[Any]]]:
-    """Subprocesses a test starts; any still running at the end are stopped (SIGTERM, then SIGKILL)."""
-    started: list[subprocess.Popen[Any]] = []
-    yield started
-    for p in started:
-        end_process(p)
 
 
 # --------------------------------------------------------------------------- help, version, usage errors

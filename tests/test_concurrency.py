@@ -145,15 +145,20 @@ def test_serial_executor_runs_in_order_one_at_a_time_and_reports_idle() -> None:
 # SingleFlight and gather_within ------------------------------------------------------------
 
 
-def test_single_flight_shares_one_call_and_lets_a_caller_leave() -> None:
-    started: list[Deferred[int]] = []
+def pending_calls(started: list[Deferred[int]]) -> Callable[..., Deferred[int]]:
+    """A SingleFlight runner whose calls are Deferreds, kept in ``started`` for the test to fire."""
 
     def run(fn: Callable[..., Any], *args: Any) -> Deferred[int]:
         d: Deferred[int] = Deferred()
         started.append(d)
         return d
 
-    flight = SingleFlight(run)
+    return run
+
+
+def test_single_flight_shares_one_call_and_lets_a_caller_leave() -> None:
+    started: list[Deferred[int]] = []
+    flight = SingleFlight(pending_calls(started))
     a, b = flight.call("k", int), flight.call("k", int)
     other = flight.call("other", int)
     assert len(started) == 2 and flight.in_flight("k")
@@ -170,13 +175,7 @@ def test_single_flight_shares_one_call_and_lets_a_caller_leave() -> None:
 
 def test_single_flight_the_first_caller_leaving_does_not_rob_the_others() -> None:
     started: list[Deferred[int]] = []
-
-    def run(fn: Callable[..., Any], *args: Any) -> Deferred[int]:
-        d: Deferred[int] = Deferred()
-        started.append(d)
-        return d
-
-    flight = SingleFlight(run)
+    flight = SingleFlight(pending_calls(started))
     a, b, c = flight.call("k", int), flight.call("k", int), flight.call("k", int)
     a.cancel()
     c.cancel()

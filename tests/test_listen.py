@@ -15,14 +15,14 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from twisted.internet.protocol import Factory
 
 from tests.conftest import DaemonFactory
 from tests.daemon import (
-    REPO, Client, Daemon, Transport, end_process, free_tcp_port, run_zeusd, self_signed_cert, terminate, wait_until,
+    REPO, Client, Daemon, Transport, free_tcp_port, run_zeusd, self_signed_cert, terminate, wait_until,
     write_signing_key,
 )
 from zeusd.listeners import ListenerSpec, ListenSyntaxError, parse_listen, split_description
@@ -146,16 +146,8 @@ def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
         assert line in service.splitlines(), line
 
 
-@pytest.fixture
-def activated() -> Iterator[list[subprocess.Popen[Any]]]:
-    started: list[subprocess.Popen[Any]] = []
-    yield started
-    for p in started:
-        end_process(p)
-
-
 @pytest.mark.parametrize("kind", ["unix", "tcp"])
-def test_socket_activation_serves_reads_and_streams(kind: str, tmp_path: Path, activated: list[subprocess.Popen[Any]]) -> None:
+def test_socket_activation_serves_reads_and_streams(kind: str, tmp_path: Path, processes: list[subprocess.Popen[Any]]) -> None:
     activate = _needs("systemd-socket-activate")
     if kind == "unix":
         address = str(tmp_path / "activated.sock")
@@ -169,7 +161,7 @@ def test_socket_activation_serves_reads_and_streams(kind: str, tmp_path: Path, a
             [activate, "-l", address, *_coverage_env(), "--", str(ZEUSD), "serve", "--simulate"],
             stdout=log, stderr=subprocess.STDOUT,
         )
-    activated.append(p)
+    processes.append(p)
     if kind == "unix":
         wait_until(lambda: os.path.exists(address) or p.poll() is not None, "systemd-socket-activate to listen")
         mode = stat.S_IMODE(os.stat(address).st_mode)

@@ -133,6 +133,14 @@ class ScriptedGpus(GpuManager):
         self.reads[gpu][-1].callback(Reading(mw, timestamp_ms))
 
 
+def gpu_sampler(start_s: float = 0.0) -> tuple[Clock, ScriptedGpus, GpuPowerSampler]:
+    """A GPU sampler over two scripted GPUs; the clock starts at ``start_s`` (a read's age counts from its start)."""
+    clock = Clock()
+    clock.advance(start_s)
+    gpus = ScriptedGpus(clock)
+    return clock, gpus, GpuPowerSampler(clock, gpus)
+
+
 def gpu_sample(sampler: GpuPowerSampler, clock: Clock, within_s: float = 0.04) -> Any:
     """Start a round, let ``within_s`` pass, and return what it published."""
     box: list[Any] = []
@@ -144,10 +152,7 @@ def gpu_sample(sampler: GpuPowerSampler, clock: Clock, within_s: float = 0.04) -
 
 
 def test_gpu_power_as_read_stamped_with_the_newest_reading() -> None:
-    clock = Clock()
-    clock.advance(100)  # not at zero: a read's age is measured from when it started
-    gpus = ScriptedGpus(clock)
-    sampler = GpuPowerSampler(clock, gpus)
+    clock, gpus, sampler = gpu_sampler(start_s=100)
     box: list[Any] = []
     sampler.sample([0, 1], 0.04).addBoth(box.append)
     gpus.answer(0, 150_000, 5_000)
@@ -159,10 +164,7 @@ def test_gpu_power_as_read_stamped_with_the_newest_reading() -> None:
 
 
 def test_a_late_gpu_is_left_out_not_read_twice_and_joins_the_next_round() -> None:
-    clock = Clock()
-    clock.advance(100)
-    gpus = ScriptedGpus(clock)
-    sampler = GpuPowerSampler(clock, gpus)
+    clock, gpus, sampler = gpu_sampler(start_s=100)
     first: list[Any] = []
     sampler.sample([0, 1], 0.04).addBoth(first.append)
     gpus.answer(0, 1, 1)
@@ -189,9 +191,7 @@ def test_a_late_gpu_is_left_out_not_read_twice_and_joins_the_next_round() -> Non
 
 
 def test_a_gpu_whose_read_fails_is_counted_logged_once_and_recovers() -> None:
-    clock = Clock()
-    gpus = ScriptedGpus(clock)
-    sampler = GpuPowerSampler(clock, gpus)
+    clock, gpus, sampler = gpu_sampler()
     for _ in range(2):  # the same failure twice: one log line
         box: list[Any] = []
         sampler.sample([0, 1], 0.04).addBoth(box.append)
@@ -214,10 +214,7 @@ def test_a_gpu_whose_read_fails_is_counted_logged_once_and_recovers() -> None:
 
 
 def test_a_hung_gpu_is_reported_once_when_its_read_is_timeout_old() -> None:
-    clock = Clock()
-    clock.advance(1000)
-    gpus = ScriptedGpus(clock)
-    sampler = GpuPowerSampler(clock, gpus)
+    clock, gpus, sampler = gpu_sampler(start_s=1000)
     published: list[Any] = []
     sampler.sample([0, 1], 0.04).addBoth(published.append)
     gpus.answer(0, 1, 1)
@@ -242,9 +239,7 @@ def test_a_hung_gpu_is_reported_once_when_its_read_is_timeout_old() -> None:
 
 
 def test_a_round_where_no_gpu_answered_is_stamped_with_the_wall_clock() -> None:
-    clock = Clock()
-    gpus = ScriptedGpus(clock)
-    sampler = GpuPowerSampler(clock, gpus)
+    clock, gpus, sampler = gpu_sampler()
     before = int(time.time() * 1000)
     sample = gpu_sample(sampler, clock)
     assert sample.readings == {} and before <= sample.timestamp_ms <= int(time.time() * 1000)
