@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 #                               COVERAGE_FLOOR percent of zeusd/
 #   ZEUSD_TEST_STRESS=1         also run the stress-marked tests (deselected by default)
 #   ZEUSD_HYPOTHESIS_PROFILE=ci property tests derandomized (tests/conftest.py)
-COVERAGE_FLOOR ?= 95
+COVERAGE_FLOOR ?= 96
 COVERAGE_DIR := $(CURDIR)/build/coverage
 export COVERAGE_FILE := $(COVERAGE_DIR)/.coverage
 ifeq ($(ZEUSD_COVERAGE),1)
