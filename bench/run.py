@@ -17,8 +17,10 @@ stand-in's call log. See docs/performance.md for the methodology.
 from __future__ import annotations
 
 import argparse
+import base64
 import dataclasses
 import json
+import math
 import os
 import platform
 import queue
@@ -41,9 +43,9 @@ REPO = BENCH.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from tests.daemon import Client, Transport, UnixHTTPConnection  # noqa: E402
 from tests.fakenvml import FakeNvml, build_library, preload_library  # noqa: E402
 from tests.rapl_tree import RaplTree  # noqa: E402
-from tests.daemon import Client, Transport  # noqa: E402
 
 LOADGEN_SRC = BENCH / "loadgen.c"
 LOADGEN = BENCH / "build" / "loadgen"
@@ -89,12 +91,14 @@ class Plan:
     startups: int
     device_calls: int
     slow_gpu_s: float
+    auth_verifies: int
+    scrapes: int
 
     @classmethod
     def make(cls, quick: bool) -> "Plan":
         if quick:
-            return cls(True, 0.3, 0.0, 0.3, (1, 16, 64), 0.3, 0.6, (1, 100, 1000), 0.5, 1.0, 100, 0.25, 1, 50, 1.0)
-        return cls(False, 5.0, 1.0, 5.0, (1, 16, 64), 3.0, 10.0, (1, 100, 1000), 10.0, 90.0, 100, 3.0, 5, 2000, 12.0)
+            return cls(True, 0.3, 0.0, 0.3, (1, 16, 64), 0.3, 0.6, (1, 100, 1000), 0.5, 1.0, 100, 0.25, 1, 50, 1.0, 50, 5)
+        return cls(False, 5.0, 1.0, 5.0, (1, 16, 64), 3.0, 10.0, (1, 100, 1000), 10.0, 90.0, 100, 3.0, 5, 2000, 12.0, 3000, 40)
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -455,6 +459,67 @@ def scenario_device_calls(fake: FakeNvml, workdir: Path, n: int) -> dict[str, An
     return {"set_power_limit_us": dist(set_us), "get_field_values_us": dist(read_us)}
 
 
+def scenario_auth_verify(n: int) -> dict[str, Any]:
+    """What verifying a bearer header costs in-process: uncached, cached, and a wrong-key rejection."""
+    from zeusd.auth import AuthenticationError, TokenVerifier, issue_token
+
+    key, other, now = base64.b64encode(b"k" * 32), base64.b64encode(b"o" * 32), 1_700_000_000
+    header = "Bearer " + issue_token(key, "alice", ["gpu-read", "cpu-read"], now + 3600)
+    cached = TokenVerifier(key, clock=lambda: now)
+    uncached = TokenVerifier(key, clock=lambda: now, cache_size=0)
+    wrong = TokenVerifier(other, clock=lambda: now, cache_size=0)
+
+    def reject() -> None:
+        try:
+            wrong.verify_authorization(header)
+        except AuthenticationError:
+            return
+        raise AssertionError("a token signed with another key was accepted")
+
+    def each(call: Callable[[], object]) -> list[float]:
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter_ns()
+            call()
+            times.append((time.perf_counter_ns() - t0) / 1000)
+        return times
+
+    return {
+        "uncached_us": dist(each(lambda: uncached.verify_authorization(header))),
+        "cached_us": dist(each(lambda: cached.verify_authorization(header))),
+        "wrong_key_us": dist(each(reject)),
+    }
+
+
+def scenario_scrape(workdir: Path, fake: FakeNvml, rapl_root: Path, n: int) -> dict[str, Any]:
+    """GET /metrics on a daemon with the metrics group: client round trip, body size, the daemon's own timing."""
+    with Daemon(workdir, fake, rapl_root, "unix", extra_args=("--enable", "metrics"), name="metrics").start() as d:
+        assert isinstance(d.address, str)
+        conn = UnixHTTPConnection(d.address)
+        try:
+            wall_us: list[float] = []
+            body = b""
+            for i in range(n + 5):  # the first few warm up the registry and the device reads
+                t0 = time.perf_counter_ns()
+                conn.request("GET", "/metrics")
+                response = conn.getresponse()
+                body = response.read()
+                if response.status != 200:
+                    raise RuntimeError(f"/metrics answered {response.status}")
+                if i >= 5:
+                    wall_us.append((time.perf_counter_ns() - t0) / 1000)
+        finally:
+            conn.close()
+    text = body.decode()
+
+    def sample(name: str) -> float:
+        match = re.search(rf'^{name}{{method="GET",route="/metrics"}} (\S+)$', text, re.M)
+        return float(match.group(1)) if match else math.nan
+
+    served = sample("zeusd_http_request_duration_seconds_sum") / sample("zeusd_http_request_duration_seconds_count")
+    return {"round_trip_us": dist(wall_us), "server_mean_us": served * 1e6, "body_bytes": len(body)}
+
+
 def scenario_ceiling(workdir: Path, plan: Plan) -> dict[str, Any]:
     """loadgen against its own trivial server: the most requests/s it can make here."""
     out: dict[str, Any] = {}
@@ -792,6 +857,14 @@ def tables(result: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]
     out.append(("Stand-in device call cost (in-process pynvml)", ["call", "p50 us", "p99 us"],
                 [["nvmlDeviceSetPowerManagementLimit", _f(dc["set_power_limit_us"]["p50"], 1), _f(dc["set_power_limit_us"]["p99"], 1)],
                  ["nvmlDeviceGetFieldValues", _f(dc["get_field_values_us"]["p50"], 1), _f(dc["get_field_values_us"]["p99"], 1)]]))  # fmt: skip
+    av, sc = s["auth_verify"], s["scrape"]
+    out.append(("Token verification (in-process) and /metrics scrapes (UDS)", ["measure", "p50 us", "p99 us"], [
+        ["verify_authorization, uncached", _f(av["uncached_us"]["p50"], 1), _f(av["uncached_us"]["p99"], 1)],
+        ["verify_authorization, cached", _f(av["cached_us"]["p50"], 1), _f(av["cached_us"]["p99"], 1)],
+        ["verify_authorization, wrong key", _f(av["wrong_key_us"]["p50"], 1), _f(av["wrong_key_us"]["p99"], 1)],
+        [f"GET /metrics round trip ({NUM_GPUS} GPUs, {NUM_CPUS} packages, {sc['body_bytes']} bytes; "
+         f"server-side mean {_f(sc['server_mean_us'], 0)} us)", _f(sc["round_trip_us"]["p50"], 0), _f(sc["round_trip_us"]["p99"], 0)],
+    ]))  # fmt: skip
     rows = []
     for key, r in s["throughput"].items():
         c = s["loadgen_ceiling"].get(key, {})
@@ -903,8 +976,12 @@ def run(plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
 
         log("device call cost (in-process)")
         s["device_calls"] = scenario_device_calls(fake, workdir, plan.device_calls)
+        log("token verification (in-process)")
+        s["auth_verify"] = scenario_auth_verify(plan.auth_verifies)
         log("loadgen ceiling")
         s["loadgen_ceiling"] = scenario_ceiling(workdir, plan)
+        log("/metrics scrapes")
+        s["scrape"] = scenario_scrape(workdir, fake, rapl.root, plan.scrapes)
 
         with Daemon(workdir, fake, rapl.root, "unix", name="uds").start() as uds:
             other_starts = [uds.startup_s]

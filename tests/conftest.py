@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
+from hypothesis import settings
 
-from tests.daemon import Daemon, Transport, free_tcp_port, terminate
+from tests.daemon import Daemon, Transport, end_process, free_tcp_port, terminate
 from tests.fakenvml import FakeNvml, build_library
 from tests.rapl_tree import RaplTree
 
 DaemonFactory = Callable[..., Daemon]
+
+# CI runs the property tests derandomized (examples derived from each test, no example database), so a
+# CI failure reproduces anywhere; a developer's run keeps exploring new examples. .ci/run selects "ci".
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+settings.load_profile(os.environ.get("ZEUSD_HYPOTHESIS_PROFILE", "default"))
 
 # A test run started in the background of a non-interactive shell (``make test &``)
 # inherits SIGINT ignored, and so would every daemon and ``zeusd watch`` it starts;
@@ -50,6 +57,16 @@ def start_daemon(tmp_path: Path) -> Iterator[DaemonFactory]:
         terminate(daemon)
 
 
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[Any]]]:
+    """Subprocesses a test starts itself (runners, socket activation); any still running at the end are
+    stopped like daemons (SIGTERM, then SIGKILL)."""
+    started: list[subprocess.Popen[Any]] = []
+    yield started
+    for p in started:
+        end_process(p)
+
+
 @pytest.fixture(scope="module")
 def module_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("module")
@@ -78,13 +95,3 @@ def fake(tmp_path: Path) -> FakeNvml:
     nvml.create(4)
     return nvml
 
-
-@pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[Any]]]:
-    """Subprocesses a test starts; any still running at the end are killed."""
-    started: list[subprocess.Popen[Any]] = []
-    yield started
-    for p in started:
-        if p.poll() is None:
-            p.kill()
-            p.wait()

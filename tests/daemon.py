@@ -14,11 +14,12 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
+
+from tests.interpreter import python_for
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -61,11 +62,14 @@ class Transport:
 
     A ``tcp`` transport with ``ca_file`` speaks HTTPS to 127.0.0.1, trusting
     that certificate (the daemon gets its ``--tls-cert``/``--tls-key`` in its args).
+    ``host`` is what the daemon is told to bind (an IP address or a hostname) and
+    what the client connects to.
     """
 
     kind: str
     address: str | int
     ca_file: str | None = None
+    host: str = "127.0.0.1"
 
     def _tls(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=self.ca_file)
@@ -74,8 +78,8 @@ class Transport:
         if self.kind == "unix":
             return UnixHTTPConnection(str(self.address), timeout)
         if self.ca_file is not None:
-            return http.client.HTTPSConnection("127.0.0.1", int(self.address), timeout=timeout, context=self._tls())
-        return http.client.HTTPConnection("127.0.0.1", int(self.address), timeout=timeout)
+            return http.client.HTTPSConnection(self.host, int(self.address), timeout=timeout, context=self._tls())
+        return http.client.HTTPConnection(self.host, int(self.address), timeout=timeout)
 
     def raw_socket(self, timeout: float = 10.0) -> socket.socket:
         if self.kind == "unix":
@@ -83,14 +87,15 @@ class Transport:
             sock.settimeout(timeout)
             sock.connect(str(self.address))
             return sock
-        sock = socket.create_connection(("127.0.0.1", int(self.address)), timeout=timeout)
-        return self._tls().wrap_socket(sock, server_hostname="127.0.0.1") if self.ca_file is not None else sock
+        sock = socket.create_connection((self.host, int(self.address)), timeout=timeout)
+        return self._tls().wrap_socket(sock, server_hostname=self.host) if self.ca_file is not None else sock
 
     @property
     def serve_args(self) -> list[str]:
         if self.kind == "unix":
             return ["--mode", "uds", "--socket-path", str(self.address)]
-        return ["--mode", "tcp", "--tcp-bind-address", f"127.0.0.1:{self.address}"]
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return ["--mode", "tcp", "--tcp-bind-address", f"{host}:{self.address}"]
 
 
 class Client:
@@ -205,7 +210,7 @@ class Daemon:
         env = {**os.environ, "ZEUSD_LOG_LEVEL": "debug", "PYTHONUNBUFFERED": "1", **self.env}
         log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "zeusd", "serve", *self.transport.serve_args, *self.args],
+            [python_for(self.user), "-m", "zeusd", "serve", *self.transport.serve_args, *self.args],
             cwd=REPO,
             env=env,
             stdout=log,
@@ -252,7 +257,7 @@ class Daemon:
 def run_zeusd(args: Sequence[str], env: Mapping[str, str] | None = None, user: int | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     """Run a zeusd command to completion (for CLI and startup-failure tests)."""
     return subprocess.run(
-        [sys.executable, "-m", "zeusd", *args],
+        [python_for(user), "-m", "zeusd", *args],
         cwd=REPO,
         env={**os.environ, **(env or {})},
         capture_output=True,
@@ -267,17 +272,34 @@ def unprivileged_user() -> int | None:
     return 65534 if os.geteuid() == 0 else None
 
 
+#: How long a test's daemon gets to exit on SIGTERM: more than its own grace for queued commands (10 s).
+TERMINATE_GRACE_S = 20.0
+
+
 def terminate(daemon: Daemon) -> None:
-    if daemon.process is not None and daemon.process.poll() is None:
-        daemon.process.send_signal(signal.SIGKILL)
-        daemon.process.wait()
+    """End a test's daemon as production does, with SIGTERM, so it shuts down cleanly (and coverage saves
+    its data); SIGKILL only once it has outlived TERMINATE_GRACE_S (then the TimeoutExpired is raised)."""
+    if daemon.process is not None:
+        end_process(daemon.process)
+
+
+def end_process(process: subprocess.Popen[Any]) -> None:
+    """:func:`terminate` for a process a test started itself (a runner, a socket-activated daemon)."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(TERMINATE_GRACE_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            raise
 
 
 T = TypeVar("T")
 
 
-def wait_until(condition: Callable[[], T], what: str = "condition", timeout: float = 10.0) -> T:
-    """Poll ``condition`` until it returns something truthy, and return that."""
+def wait_until(condition: Callable[[], T | None], what: str = "condition", timeout: float = 10.0) -> T:
+    """Poll ``condition`` until it returns something truthy (not None), and return that."""
     deadline = time.monotonic() + timeout
     while not (result := condition()):
         assert time.monotonic() < deadline, f"timed out waiting for {what}"

@@ -16,16 +16,19 @@ import queue
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Coroutine, TypeVar
+from typing import Any, Callable, Coroutine, TypeVar, cast
 
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.web.resource import IResource, Resource
+from zope.interface import implementer
 
 from zeusd.client import ZeusdClient
+from zeusd.client.client import HTTPRequester
 from zeusd.devices.executor import thread_executors
 from zeusd.devices.gpu.manager import GpuManager
 from zeusd.groups import ApiGroup
@@ -40,17 +43,18 @@ T = TypeVar("T")
 MAX_REQUEST_CHAIN = 64
 
 
+@implementer(IReactorFromThreads)
 class InMemoryReactor(MemoryReactorClock):
     """A clock and fake network whose ``callFromThread`` hands calls to the test thread."""
 
     def __init__(self) -> None:
         super().__init__()
-        self._from_threads: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...]]] = queue.SimpleQueue()
+        self._from_threads: queue.SimpleQueue[Callable[[], object]] = queue.SimpleQueue()
         self._pool = ThreadPool(1, 4, "inmemory-reactor")
         self._pool.start()
 
-    def callFromThread(self, f: Callable[..., Any], *args: Any) -> None:
-        self._from_threads.put((f, args))
+    def callFromThread(self, callable: Callable[..., Any], *args: object, **kwargs: object) -> None:
+        self._from_threads.put(lambda: callable(*args, **kwargs))
 
     def getThreadPool(self) -> ThreadPool:
         return self._pool
@@ -61,10 +65,10 @@ class InMemoryReactor(MemoryReactorClock):
     def run_from_thread(self, timeout: float) -> bool:
         """Run the next call a device thread handed back (waiting up to ``timeout``); False if none came."""
         try:
-            f, args = self._from_threads.get(timeout=max(0.0, timeout))
+            call = self._from_threads.get(timeout=max(0.0, timeout))
         except queue.Empty:
             return False
-        f(*args)
+        call()
         return True
 
     def stop_threads(self) -> None:
@@ -109,8 +113,13 @@ class Node:
         hubs: list[StreamHub] = self.service.getServiceNamed("streams").hubs
         return hubs
 
+    @property
+    def http(self) -> HTTPRequester:
+        """The stub as the client's HTTP client (StubTreq builds its request methods at run time)."""
+        return cast(HTTPRequester, self.stub)
+
     def client(self, token: str | None = "", label: str = "node.test:4938", **kw: Any) -> ZeusdClient:
-        return ZeusdClient(label, token, reactor=self.reactor, http=self.stub, **kw)
+        return ZeusdClient(label, token, reactor=self.reactor, http=self.http, **kw)
 
     def resolve(self, d: "Deferred[T] | Coroutine[Any, Any, T]", timeout: float = 10.0) -> T:
         """Drive ``d`` to its result (see :meth:`run_until`)."""
@@ -120,7 +129,8 @@ class Node:
         result = outcome[0]
         if isinstance(result, Failure):
             result.raiseException()
-        return result  # type: ignore[no-any-return]
+        value: T = result
+        return value
 
     def run_until(self, done: Callable[[], bool], timeout: float = 10.0) -> None:
         """Run what is due now, pass bytes both ways and run device results until ``done()``.

@@ -1,5 +1,5 @@
 """Test doubles for the deterministic tests: executors that run a call when the test says so,
-a reactor with a clock and fake sockets, and a stream sink that records what it is sent.
+a reactor with a clock and fake sockets, a stream sink and a stream request that record what they are sent.
 
 Nothing here sleeps or starts a thread: time is ``task.Clock`` time, and a
 device call runs exactly when the test calls :meth:`ManualExecutor.run_next`.
@@ -112,3 +112,36 @@ class RecordingSink:
 
     def events(self) -> list[bytes]:
         return [event for data in self.frames for event in data.split(b"\n\n") if event.startswith(b"data: ")]
+
+
+class StreamRequest:
+    """Just enough of a twisted.web request for a stream response: records what it is sent."""
+
+    chunked = False
+
+    def __init__(self) -> None:
+        self.headers: dict[bytes, bytes] = {}
+        self.written: list[bytes] = []
+        self.producer: Any = None
+        self.finished: Deferred[None] = Deferred()
+        self.channel = self
+        self.transport = None
+
+    def setHeader(self, name: bytes, value: bytes) -> None:
+        self.headers[name.lower()] = value
+
+    def write(self, data: bytes) -> None:
+        if data:
+            self.written.append(data)
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def notifyFinish(self) -> Deferred[None]:
+        return self.finished
+
+    def events(self) -> list[bytes]:
+        return [event for data in self.written for event in data.split(b"\n\n") if event.startswith(b"data: ")]

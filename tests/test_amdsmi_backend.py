@@ -42,6 +42,7 @@ from tests.fakeamdsmi import (
     power_info_function,
     preload_library,
 )
+from tests.protocols import assert_conforms
 from zeusd.devices.base import DeviceError
 from zeusd.devices.gpu.amdsmi import (
     ENERGY_UNAVAILABLE,
@@ -161,9 +162,12 @@ def test_every_symbol_the_bindings_bind_exists_and_unimplemented_ones_say_not_su
 
 
 def test_backend_satisfies_the_protocols(backend: AmdSmiBackend) -> None:
-    as_backend: GPUBackend = backend
+    as_backend: GPUBackend = backend  # checked by mypy (tests/ is type-checked)
     as_gpu: GPU = backend.gpus[0]
-    assert as_backend.gpus[0] is as_gpu
+    assert_conforms(as_backend, GPUBackend)
+    for gpu in backend.gpus:
+        assert_conforms(gpu, GPU)
+    assert as_gpu.index == 0 and as_backend.absence.endswith("reports no GPU")
 
 
 def test_the_bindings_are_imported_only_when_the_backend_opens() -> None:

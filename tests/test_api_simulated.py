@@ -202,26 +202,30 @@ def test_auth_paths_404_without_auth(sim_daemon: Daemon) -> None:
 
 def test_control_round_trip(sim_daemon: Daemon) -> None:
     c = sim_daemon.client
-    r = c.post("/gpu/set_power_limit?gpu_ids=1,2&power_limit_mw=%2B300000&block=true")
-    assert r.status == 200 and r.body == b"" and r.headers["content-length"] == "0"
-    limits = c.get("/gpu/get_power_limit?gpu_ids=1,2").json()
-    assert limits == {"1": {"power_limit_mw": 300000}, "2": {"power_limit_mw": 300000}}
-    assert c.get("/gpu/get_power_limit_constraints?gpu_ids=1").json() == {
-        "1": {"min_power_limit_mw": 200000, "max_power_limit_mw": 700000}
-    }
-    assert c.post("/gpu/set_persistence_mode?gpu_ids=1&enabled=true&block=true").status == 200
-    assert c.get("/gpu/get_persistence_mode?gpu_ids=1").json() == {"1": {"enabled": True}}
-    assert c.post("/gpu/set_persistence_mode?gpu_ids=1&enabled=false&block=false").status == 200
-    assert c.get("/gpu/get_persistence_mode?gpu_ids=1").json() == {"1": {"enabled": False}}
-    for path in (
-        "/gpu/set_gpu_locked_clocks?gpu_ids=1&min_clock_mhz=800&max_clock_mhz=1200&block=true",
-        "/gpu/set_mem_locked_clocks?gpu_ids=1&min_clock_mhz=800&max_clock_mhz=1200&block=true",
-        "/gpu/reset_gpu_locked_clocks?gpu_ids=1&block=true",
-        "/gpu/reset_mem_locked_clocks?gpu_ids=1&block=true",
-        "/gpu/reset_locked_clocks?gpu_ids=1&block=true",
-    ):
-        assert c.post(path).status == 200, path
-    c.post("/gpu/set_power_limit?gpu_ids=1,2&power_limit_mw=700000&block=true")
+    try:
+        r = c.post("/gpu/set_power_limit?gpu_ids=1,2&power_limit_mw=%2B300000&block=true")
+        assert r.status == 200 and r.body == b"" and r.headers["content-length"] == "0"
+        limits = c.get("/gpu/get_power_limit?gpu_ids=1,2").json()
+        assert limits == {"1": {"power_limit_mw": 300000}, "2": {"power_limit_mw": 300000}}
+        assert c.get("/gpu/get_power_limit_constraints?gpu_ids=1").json() == {
+            "1": {"min_power_limit_mw": 200000, "max_power_limit_mw": 700000}
+        }
+        assert c.post("/gpu/set_persistence_mode?gpu_ids=1&enabled=true&block=true").status == 200
+        assert c.get("/gpu/get_persistence_mode?gpu_ids=1").json() == {"1": {"enabled": True}}
+        assert c.post("/gpu/set_persistence_mode?gpu_ids=1&enabled=false&block=false").status == 200
+        assert c.get("/gpu/get_persistence_mode?gpu_ids=1").json() == {"1": {"enabled": False}}
+        for path in (
+            "/gpu/set_gpu_locked_clocks?gpu_ids=1&min_clock_mhz=800&max_clock_mhz=1200&block=true",
+            "/gpu/set_mem_locked_clocks?gpu_ids=1&min_clock_mhz=800&max_clock_mhz=1200&block=true",
+            "/gpu/reset_gpu_locked_clocks?gpu_ids=1&block=true",
+            "/gpu/reset_mem_locked_clocks?gpu_ids=1&block=true",
+            "/gpu/reset_locked_clocks?gpu_ids=1&block=true",
+        ):
+            assert c.post(path).status == 200, path
+    finally:  # the daemon is shared by the module: leave GPUs 1 and 2 as every other test expects them
+        assert c.post("/gpu/set_power_limit?gpu_ids=1,2&power_limit_mw=700000&block=true").status == 200
+        assert c.post("/gpu/set_persistence_mode?gpu_ids=1&enabled=false&block=true").status == 200
+        assert c.post("/gpu/reset_locked_clocks?gpu_ids=1&block=true").status == 200
 
 
 @pytest.mark.parametrize("block", ["true", "false"])

@@ -57,7 +57,8 @@ def test_writes_latest_and_a_timestamped_copy(quick_run: tuple[dict[str, Any], P
 def test_every_scenario_is_there_with_numbers(quick_run: tuple[dict[str, Any], Path, str]) -> None:
     s = quick_run[0]["scenarios"]
     assert set(s) >= {
-        "device_calls", "loadgen_ceiling", "idle", "latency", "throughput", "streaming", "memory", "startup"
+        "device_calls", "auth_verify", "scrape", "loadgen_ceiling", "idle", "latency", "throughput", "streaming", "memory",
+        "startup",
     }  # fmt: skip
     for transport in ("unix", "tcp"):
         assert set(s["latency"][transport]) == {"discover", "gpu_get_power", "cpu_get_power", "gpu_set_power_limit"}
@@ -99,6 +100,9 @@ def test_values_are_sane(quick_run: tuple[dict[str, Any], Path, str]) -> None:
         assert stalled["rss_start_mb"] <= stalled["rss_max_mb"]
     assert s["startup"]["median_s"] > 0
     assert s["device_calls"]["set_power_limit_us"]["n"] > 0
+    assert {name: d["n"] for name, d in s["auth_verify"].items()} == {"uncached_us": 50, "cached_us": 50, "wrong_key_us": 50}
+    assert s["scrape"]["round_trip_us"]["n"] == 5 and s["scrape"]["server_mean_us"] > 0
+    assert s["scrape"]["body_bytes"] > 1000
 
 
 def test_targets_and_table(quick_run: tuple[dict[str, Any], Path, str]) -> None:

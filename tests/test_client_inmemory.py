@@ -45,7 +45,7 @@ def node() -> Iterator[Node]:
 def wire(node: Node, path: str, token: str | None = None) -> tuple[int, dict[str, str], Any]:
     """The raw answer, read with treq itself: status, headers, parsed JSON body."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    response = node.resolve(node.stub.get(f"http://node.test:4938{path}", headers=headers))
+    response = node.resolve(node.http.request("GET", f"http://node.test:4938{path}", headers=headers))
     body = node.resolve(treq.content(response))
     flat = {k.decode().lower(): v[0].decode() for k, v in response.headers.getAllRawHeaders()}
     return response.code, flat, json.loads(body) if body else None
@@ -209,7 +209,7 @@ def test_multi_stream_backs_off_exactly_and_resumes(node: Node) -> None:
 
     readings: list[PowerReading] = []
     multi = MultiPowerStream(
-        ["node.test:4938"], token="", reactor=node.reactor, http=lambda _: node.stub, kinds=["gpu"],
+        ["node.test:4938"], token="", reactor=node.reactor, http=lambda _: node.http, kinds=["gpu"],
         backoff_initial_s=0.5, backoff_max_s=2.0, idle_timeout_s=None, on_status=seen, on_reading=readings.append,
     )
     label = "node.test:4938"
@@ -246,7 +246,7 @@ def test_multi_stream_backs_off_exactly_and_resumes(node: Node) -> None:
 def test_multi_stream_stops_for_good_on_an_auth_failure() -> None:
     node = simulated_node(signing_key=KEY)
     try:
-        multi = MultiPowerStream(["node.test:4938"], token="", reactor=node.reactor, http=lambda _: node.stub)
+        multi = MultiPowerStream(["node.test:4938"], token="", reactor=node.reactor, http=lambda _: node.http)
         daemon_timers = set(node.reactor.getDelayedCalls())  # the daemon's own (the RAPL wraparound guard)
         multi.start()
         node.run_until(lambda: multi.status["node.test:4938"].state == "failed")

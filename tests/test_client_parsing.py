@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from zeusd.client import DEFAULT_SOCKET_PATH, DevicePower, ServerAddress, SSEParser, default_server, parse_power_event
+from zeusd.client import (
+    DEFAULT_SOCKET_PATH, DevicePower, ServerAddress, SSEParser, ZeusdProtocolError, default_server, parse_power_event,
+)
 
 
 # --------------------------------------------------------------------------- addresses
@@ -23,8 +25,17 @@ def test_server_addresses_parse() -> None:
     assert tls.scheme == "https" and tls.label == "https://node7:443"
     assert ServerAddress.parse("http://10.0.0.1:8").label == "10.0.0.1:8"
     assert ServerAddress("unix", path="/s").url("/time") == "http://localhost/time"
-    for bad in ("unix:", "node7", "node7:0", "node7:99999", "::1:80", "[::1]80", "host:port"):
-        with pytest.raises(ValueError):
+    refusals = {
+        "unix:": "unix: needs a socket path",
+        "node7": "'node7' is not unix:PATH, HOST:PORT or https://HOST:PORT",
+        "node7:0": "bad port in 'node7:0'",
+        "node7:99999": "bad port in 'node7:99999'",
+        "::1:80": r"'::1:80' is not unix:PATH, HOST:PORT",
+        "[::1]80": r"'\[::1\]80' is not \[IPv6\]:PORT",
+        "host:port": "bad port in 'host:port'",
+    }
+    for bad, why in refusals.items():
+        with pytest.raises(ValueError, match=why):
             ServerAddress.parse(bad)
 
 
@@ -53,7 +64,7 @@ def test_sse_parser_handles_any_chunking_comments_and_crlf() -> None:
             out += parser.feed(wire[i : i + size])
         assert out == expected, size
     parser = SSEParser(max_event_bytes=64)
-    with pytest.raises(Exception, match="exceeded"):
+    with pytest.raises(ZeusdProtocolError, match="an SSE event exceeded 64 bytes"):
         parser.feed(b"data: " + b"x" * 100)
 
 
@@ -68,6 +79,13 @@ def test_power_events_of_both_formats() -> None:
     # Our v0.5 CPU events carry the snapshot too: the per-device fields win, no double count.
     hybrid = {"timestamp_ms": 9, "cpu_id": 1, "cpu_mw": 6, "dram_mw": None, **{"power_mw": snapshot["power_mw"]}}
     assert parse_power_event("cpu", hybrid) == [DevicePower("cpu", 1, 9, 6, None)]
-    for bad in ({}, {"timestamp_ms": 1}, {"timestamp_ms": 1, "gpu_id": 0, "power_mw": "x"}, [1], {"timestamp_ms": "1", "power_mw": {}}):
-        with pytest.raises(ValueError):
+    refusals: list[tuple[object, str]] = [
+        ({}, "event has no integer timestamp_ms"),
+        ({"timestamp_ms": 1}, "event has neither gpu_id nor a power_mw map"),
+        ({"timestamp_ms": 1, "gpu_id": 0, "power_mw": "x"}, "malformed per-GPU event"),
+        ([1], "event is not a JSON object"),
+        ({"timestamp_ms": "1", "power_mw": {}}, "event has no integer timestamp_ms"),
+    ]
+    for bad, why in refusals:
+        with pytest.raises(ValueError, match=why):
             parse_power_event("gpu", bad)

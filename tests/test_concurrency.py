@@ -8,20 +8,22 @@ No test sleeps, and none asserts on wall-clock time.
 
 from __future__ import annotations
 
+import gc
 import threading
 from typing import Any, Callable
 
 import pytest
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
-from tests.manual import ManualExecutors, RecordingSink
+from tests.manual import ManualExecutor, ManualExecutors, RecordingSink
 from zeusd.devices.base import DeviceError
 from zeusd.devices.cpu.base import CpuPackage
 from zeusd.devices.cpu.manager import CpuManager, wrap_guard_interval
 from zeusd.devices.cpu.service import CpuService
-from zeusd.devices.executor import SerialExecutor, SingleFlight, gather_within
+from zeusd.devices.executor import SerialExecutor, SingleFlight, gather, gather_within, thread_executors
 from zeusd.devices.readings import Reading, Sample
 from zeusd.devices.sampling import TICK_DEADLINE_SHARE, Round
 from zeusd.sse import GPU_ENCODERS
@@ -65,10 +67,46 @@ def test_serial_executor_starts_no_thread_until_started() -> None:
     executor = SerialExecutor(reactor, "test-executor")  # type: ignore[arg-type]
     ran: list[int] = []
     d = executor.submit(ran.append, 1)
-    assert threading.active_count() == threads and ran == [] and executor.pending == 1
+    idle = executor.when_idle()
+    assert threading.active_count() == threads and ran == [] and executor.pending == 1 and not idle.called
     executor.start()
     reactor.deliver(1)
-    assert ran == [1] and outcome(d) is None and executor.pending == 0
+    assert ran == [1] and outcome(d) is None and executor.pending == 0 and idle.called
+    executor.stop()
+
+
+def test_serial_executor_thread_is_named_for_its_device_and_never_keeps_the_process_alive(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    crashed: list[Any] = []
+    monkeypatch.setattr(threading, "excepthook", crashed.append)
+    reactor = QueuedReactor()
+    executor = thread_executors(reactor)("zeusd-gpu-7")  # type: ignore[arg-type]
+    executor.start()
+    [thread] = [t for t in threading.enumerate() if t.name == "zeusd-gpu-7"]
+    assert thread.daemon  # a call hung in a driver must not hang the daemon's exit
+    with pytest.raises(RuntimeError, match="^executor zeusd-gpu-7 already started$"):
+        executor.start()
+    done = executor.submit(lambda: "queued before stop")
+    executor.stop()
+    reactor.deliver(1)
+    thread.join(10)
+    assert outcome(done) == "queued before stop" and not thread.is_alive()
+    assert crashed == []  # it ended because it was told to, not by an exception
+
+
+def test_serial_executor_is_idle_only_once_every_call_has_finished() -> None:
+    reactor = QueuedReactor()
+    executor = SerialExecutor(reactor, "test-executor")  # type: ignore[arg-type]
+    executor.start()
+    gate = threading.Event()
+    first, second = executor.submit(gate.wait, 10), executor.submit(lambda: 2)
+    idle = executor.when_idle()
+    gate.set()
+    reactor.deliver(1)
+    assert outcome(first) is True and executor.pending == 1 and not idle.called
+    reactor.deliver(1)
+    assert outcome(second) == 2 and idle.called
     executor.stop()
 
 
@@ -86,7 +124,11 @@ def test_serial_executor_runs_in_order_one_at_a_time_and_reports_idle() -> None:
         return "first"
 
     first = executor.submit(blocking)
-    second = executor.submit(lambda: order.append("second") or "second")
+    def second_call() -> str:
+        order.append("second")
+        return "second"
+
+    second = executor.submit(second_call)
     failing = executor.submit(lambda: 1 // 0)
     idle = executor.when_idle()
     assert executor.pending == 3 and not idle.called
@@ -103,15 +145,20 @@ def test_serial_executor_runs_in_order_one_at_a_time_and_reports_idle() -> None:
 # SingleFlight and gather_within ------------------------------------------------------------
 
 
-def test_single_flight_shares_one_call_and_lets_a_caller_leave() -> None:
-    started: list[Deferred[int]] = []
+def pending_calls(started: list[Deferred[int]]) -> Callable[..., Deferred[int]]:
+    """A SingleFlight runner whose calls are Deferreds, kept in ``started`` for the test to fire."""
 
     def run(fn: Callable[..., Any], *args: Any) -> Deferred[int]:
         d: Deferred[int] = Deferred()
         started.append(d)
         return d
 
-    flight = SingleFlight(run)
+    return run
+
+
+def test_single_flight_shares_one_call_and_lets_a_caller_leave() -> None:
+    started: list[Deferred[int]] = []
+    flight = SingleFlight(pending_calls(started))
     a, b = flight.call("k", int), flight.call("k", int)
     other = flight.call("other", int)
     assert len(started) == 2 and flight.in_flight("k")
@@ -124,6 +171,27 @@ def test_single_flight_shares_one_call_and_lets_a_caller_leave() -> None:
     assert outcome(other).value.message == "broken"
     flight.call("k", int)
     assert len(started) == 3  # a settled key starts a new call
+
+
+def test_single_flight_the_first_caller_leaving_does_not_rob_the_others() -> None:
+    started: list[Deferred[int]] = []
+    flight = SingleFlight(pending_calls(started))
+    a, b, c = flight.call("k", int), flight.call("k", int), flight.call("k", int)
+    a.cancel()
+    c.cancel()
+    started[0].callback(5)
+    assert outcome(b) == 5 and len(started) == 1
+    assert outcome(a).check(CancelledError) and outcome(c).check(CancelledError)
+
+
+def test_gather_turns_other_failures_into_device_errors_and_leaves_none_unhandled() -> None:
+    with capturedLogs() as events:
+        results = outcome(gather({0: fail(ValueError("odd reply")), 1: succeed(3), 2: fail(DeviceError("gone", 403))}))
+        gc.collect()  # an unconsumed failure would be logged as "Unhandled error in Deferred" here
+    assert results[1] == 3
+    assert (results[0].message, results[0].status) == ("Unexpected error: odd reply", 500)
+    assert (results[2].message, results[2].status) == ("gone", 403)
+    assert [formatEvent(e) for e in events] == []
 
 
 def test_gather_within_reports_the_late_device_alone_and_cancels_its_timer() -> None:
@@ -272,15 +340,19 @@ class CountingZone:
         return self.reads
 
 
-def test_wrap_guard_reads_idle_zones_at_half_the_shortest_wrap_time() -> None:
+def guarded(zone: CountingZone) -> tuple[Clock, CpuService, ManualExecutor, float]:
+    """A started CPU service over one package with ``zone``: its clock, its executor and the guard interval."""
     clock, executors = Clock(), ManualExecutors()
-    zone = CountingZone("package-0", 262_143_328_850)
     cpus = CpuManager(clock, executors)
     service = CpuService(clock, cpus, lambda: [CpuPackage(0, zone, None)], None)
     service.startService()
-    interval = wrap_guard_interval([cpus.packages[0].package])
+    return clock, service, executors["zeusd-cpu-0"], wrap_guard_interval([cpus.packages[0].package])
+
+
+def test_wrap_guard_reads_idle_zones_at_half_the_shortest_wrap_time() -> None:
+    zone = CountingZone("package-0", 262_143_328_850)
+    clock, service, executor, interval = guarded(zone)
     assert interval == pytest.approx(131.07, abs=0.01)
-    executor = executors["zeusd-cpu-0"]
     clock.advance(interval)
     assert executor.pending == 1  # one guard read queued
     clock.advance(interval)
@@ -291,3 +363,44 @@ def test_wrap_guard_reads_idle_zones_at_half_the_shortest_wrap_time() -> None:
     assert executor.pending == 0  # read moments ago (on the device's clock): not stale
     service.stopService()
     assert clock.getDelayedCalls() == [] and executor.stopped
+
+
+class BrokenZone(CountingZone):
+    """A zone whose read fails with something that is not a DeviceError (a bug, or sysfs gone strange)."""
+
+    def read_raw_uj(self) -> int:
+        super().read_raw_uj()
+        raise RuntimeError("sysfs returned nonsense")
+
+
+def test_a_non_device_exception_from_a_rapl_read_is_a_counted_500_for_that_package_only() -> None:
+    clock, executors = Clock(), ManualExecutors()
+    cpus = CpuManager(clock, executors)
+    failed: list[tuple[int, str]] = []
+    cpus.on_read_error = lambda index, what: failed.append((index, what))
+    cpus.open([CpuPackage(0, BrokenZone("package-0", 1 << 32), None), CpuPackage(1, CountingZone("package-1", 1 << 32), None)])
+    d = cpus.read_energy([0, 1], cpu=True, dram=False)
+    with capturedLogs() as events:
+        executors["zeusd-cpu-0"].run_all()
+    executors["zeusd-cpu-1"].run_all()
+    assert [formatEvent(e) for e in events] == ["Unexpected error from CPU 0"]  # with its traceback
+    results = outcome(d)
+    assert results[1] == (1, None)
+    error = results[0]
+    assert isinstance(error, DeviceError) and error.status == 500
+    assert error.message == "IOError: sysfs returned nonsense"
+    assert failed == [(0, "energy read")]
+
+
+def test_a_failing_wraparound_guard_read_is_logged_and_tried_again_later() -> None:
+    zone = BrokenZone("package-0", 262_143_328_850)
+    clock, service, executor, interval = guarded(zone)
+    for reads in (1, 2):
+        clock.advance(interval)
+        assert executor.pending == 1
+        with capturedLogs() as events:
+            executor.run_next()  # raises inside the guard: logged, not propagated
+        assert zone.reads == reads
+        assert [formatEvent(e) for e in events] == ["Wraparound guard read of CPU 0 failed"]
+        assert events[0]["log_failure"].check(RuntimeError)
+    service.stopService()

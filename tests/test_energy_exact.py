@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.logger import capturedLogs, formatEvent
 
 from zeusd.devices.cpu.base import MonotonicEnergy
 
@@ -138,3 +139,53 @@ def test_reported_energy_is_monotonic_and_exact_under_concurrency(start: int, in
     assert all(first <= v <= last for values in seen for v in values)
     assert last - first == zone.true_uj - start - increments[0]  # every µJ after the first read, once
     assert zone.max_inside == 1
+
+
+# One reader, raw values chosen by the test: the wraparound rule at its boundary ------------------------------
+
+
+class ListedZone:
+    """Raw counter values in the order the test lists them (range 1_000_001 uJ: an odd range has an exact half)."""
+
+    name = "package-1"
+    max_energy_range_uj = 1_000_001
+
+    def __init__(self, *raws: int) -> None:
+        self.raws = list(raws)
+
+    def read_raw_uj(self) -> int:
+        return self.raws.pop(0)
+
+
+def booked(*raws: int) -> list[int]:
+    energy = MonotonicEnergy(ListedZone(*raws))
+    return [energy.read_uj() for _ in raws]
+
+
+def test_a_drop_of_more_than_half_the_range_is_a_wrap_and_counts_the_energy_across_it() -> None:
+    half = 1_000_001 // 2  # 500_000
+    # From 900_000 to 399_999 is a drop of 500_001 > half: the counter passed its range, 500_000 uJ later.
+    assert booked(900_000, 399_999, 400_010) == [900_000, 1_400_000, 1_400_011]
+    assert booked(900_000, 900_000 - half - 1)[1] == 900_000 - half - 1 + 1_000_001
+    # Two wraps add two ranges.
+    assert booked(990_000, 10, 990_000, 20) == [990_000, 1_000_011, 1_990_001, 2_000_022]
+
+
+def test_a_drop_of_at_most_half_the_range_is_a_faulty_reading_absorbed_for_good() -> None:
+    events: list[str] = []
+    with capturedLogs() as logged:
+        # A drop of exactly half is no wrap: the value holds, and the next steps count from there.
+        values = booked(900_000, 400_000, 400_005, 400_105)
+        events = [formatEvent(e) for e in logged]
+    assert values == [900_000, 900_000, 900_005, 900_105]
+    assert events == ["RAPL zone package-1 went backwards from 900000 to 400000 uJ; ignoring the step"]
+    assert booked(5_000, 4_990, 4_990, 5_000) == [5_000, 5_000, 5_000, 5_010]  # a small step, then a repeat
+    assert booked(1_000, 2_000, 1_500, 1_000, 1_200) == [1_000, 2_000, 2_000, 2_000, 2_200]  # offsets add up
+
+
+def test_each_read_notes_when_it_happened_for_the_wraparound_guard() -> None:
+    energy = MonotonicEnergy(ListedZone(1, 2))
+    assert energy.last_read_at == float("-inf")  # never read: stale for any guard interval
+    before = time.monotonic()
+    energy.read_uj()
+    assert before <= energy.last_read_at <= time.monotonic()

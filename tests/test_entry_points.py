@@ -68,7 +68,8 @@ ENTRY_POINTS = [
 
 @pytest.fixture(params=ENTRY_POINTS, ids=lambda e: e.name)
 def entry(request: pytest.FixtureRequest) -> EntryPoint:
-    return request.param  # type: ignore[no-any-return]
+    entry: EntryPoint = request.param
+    return entry
 
 
 @pytest.fixture

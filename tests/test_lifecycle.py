@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred
+from twisted.logger import capturedLogs, formatEvent
 
 from tests.manual import ManualExecutors, TestReactor
 from zeusd.devices.gpu.control import SET_POWER_LIMIT, PowerLimit
@@ -95,7 +96,7 @@ def test_stop_runs_in_reverse_one_child_after_the_other(tmp_path: Path) -> None:
             result = stop()
             return streams_closed if isinstance(child, StreamService) else result
 
-        child.stopService = recorded  # type: ignore[method-assign]
+        child.stopService = recorded
     stopped = service.stopService()
     assert order == ["ListenerService", "MetricsService", "StreamService"]  # waiting for the streams
     assert not any(e.stopped for e in executors.made.values())
@@ -128,13 +129,19 @@ def test_stop_gives_up_on_a_hung_command_after_the_grace_period(tmp_path: Path) 
     service.startService()
     gpus = service.getServiceNamed("gpus").manager
     gpus.submit(1, SET_POWER_LIMIT, PowerLimit(300_000))
-    stopped = service.stopService()
-    reactor.advance(SHUTDOWN_GRACE_S - 0.01)
-    assert not stopped.called
-    reactor.advance(0.01)
-    reactor.advance(0.05)
-    assert stopped.called
+    outcome: list[Any] = []
+    with capturedLogs() as events:
+        service.stopService().addBoth(outcome.append)
+        reactor.advance(SHUTDOWN_GRACE_S - 0.01)
+        assert not outcome
+        reactor.advance(0.01)
+        reactor.advance(0.05)
+        gc.collect()  # a failure nobody handled would be logged now
+    assert outcome == [None]
     assert executors["zeusd-gpu-1"].pending == 1 and executors["zeusd-gpu-1"].stopped
+    logged = [formatEvent(e) for e in events]
+    assert f"Shutting down with GPU commands still queued after {SHUTDOWN_GRACE_S:g} s" in logged
+    assert not [e for e in events if "log_failure" in e or e.get("isError")], logged
 
 
 def test_a_start_that_fails_halfway_undoes_what_it_started(tmp_path: Path) -> None:

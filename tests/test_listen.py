@@ -18,9 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from twisted.internet.protocol import Factory
 
 from tests.conftest import DaemonFactory
-from tests.daemon import REPO, Client, Transport, free_tcp_port, run_zeusd, wait_until, write_signing_key
+from tests.daemon import (
+    REPO, Client, Daemon, Transport, free_tcp_port, run_zeusd, self_signed_cert, terminate, wait_until,
+    write_signing_key,
+)
 from zeusd.listeners import ListenerSpec, ListenSyntaxError, parse_listen, split_description
 
 ZEUSD = Path(sys.executable).parent / "zeusd"
@@ -154,7 +158,7 @@ def test_socket_activation_serves_reads_and_streams(kind: str, tmp_path: Path, p
         transport = Transport("tcp", port)
     with open(tmp_path / "daemon.log", "wb") as log:
         p = subprocess.Popen(
-            [activate, "-l", address, "--", str(ZEUSD), "serve", "--simulate"],
+            [activate, "-l", address, *_coverage_env(), "--", str(ZEUSD), "serve", "--simulate"],
             stdout=log, stderr=subprocess.STDOUT,
         )
     processes.append(p)
@@ -167,14 +171,19 @@ def test_socket_activation_serves_reads_and_streams(kind: str, tmp_path: Path, p
     assert first.status == 200 and len(first.json()["power_mw"]) == 4
     with client.stream("/cpu/stream_power") as stream:
         assert len(stream.events(2)) == 2
-    log = (tmp_path / "daemon.log").read_text()
-    assert "Listening on systemd socket index 0" in log
+    logged = (tmp_path / "daemon.log").read_text()
+    assert "Listening on systemd socket index 0" in logged
     if kind == "unix":
         assert stat.S_IMODE(os.stat(address).st_mode) == mode  # the mode it was given, not Twisted's default 0666
     p.send_signal(signal.SIGTERM)
     assert p.wait(30) == 0
     if kind == "unix":
         assert os.path.exists(address)  # the socket file belongs to whoever passed it
+
+
+def _coverage_env() -> list[str]:
+    """systemd-socket-activate passes no environment on: name coverage's, so a measured run measures the daemon."""
+    return [arg for name in ("COVERAGE_PROCESS_CONFIG", "COVERAGE_FILE") if name in os.environ for arg in ("-E", name)]
 
 
 def _first_answer(client: Client) -> Any:
@@ -196,3 +205,80 @@ def test_readiness_reaches_a_notify_socket(tmp_path: Path, start_daemon: DaemonF
         daemon.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
         assert notify.recv(4096) == b"STOPPING=1"
         assert daemon.process.wait(30) == 0  # type: ignore[union-attr]
+
+
+# Addresses and refusals at startup ------------------------------------------------------------------
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize(("bind", "listening"), [("::1", "http://[::1]"), ("localhost", "http://127.0.0.1")],
+                         ids=["ipv6", "hostname"])
+def test_tcp_bind_address_by_ipv6_literal_or_hostname(tmp_path: Path, bind: str, listening: str) -> None:
+    """``[v6]:port`` listens on IPv6; a hostname is resolved once, at startup, to the address it names."""
+    if bind == "::1" and not _has_ipv6_loopback():
+        pytest.skip("this machine has no IPv6 loopback (::1)")
+    if bind == "localhost" and socket.getaddrinfo("localhost", None, type=socket.SOCK_STREAM)[0][4][0] != "127.0.0.1":
+        pytest.skip("localhost does not resolve to 127.0.0.1 first here")
+    port = free_tcp_port()
+    daemon = Daemon(Transport("tcp", port, host=bind), ["--simulate"], {}, tmp_path / "zeusd.log")
+    try:
+        daemon.start()  # ready: it answered /discover on bind:port
+        assert daemon.client.get("/discover").json()["gpu_ids"] == [0, 1, 2, 3]
+        assert f"Listening on {listening}:{port}" in daemon.log()
+    finally:
+        terminate(daemon)
+
+
+def test_a_port_in_use_stops_startup_naming_it() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = run_zeusd(["serve", "--simulate", "--mode", "tcp", "--tcp-bind-address", f"127.0.0.1:{port}"])
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip().splitlines() == [f"Error: Cannot listen on 127.0.0.1:{port}: Address already in use"]
+
+
+def test_a_port_taken_between_the_check_and_the_listen_is_a_startup_error() -> None:
+    """The listener's own bind failing (after preflight found the port free) is the same clear error."""
+    from twisted.internet import reactor
+
+    from zeusd.errors import StartupError
+    from zeusd.listeners import ListenerService
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        service = ListenerService(reactor, ListenerSpec("tcp", host="127.0.0.1", port=port), Factory())
+        with pytest.raises(StartupError, match=re.escape(f"Cannot listen on http://127.0.0.1:{port}: ")):
+            service.privilegedStartService()
+    assert service.port is None
+
+
+@pytest.mark.parametrize("broken", ["certificate", "key"])
+def test_unusable_tls_pem_stops_startup_naming_the_files(tmp_path: Path, broken: str) -> None:
+    cert, key = self_signed_cert(tmp_path)
+    (cert if broken == "certificate" else key).write_bytes(b"-----BEGIN CERTIFICATE-----\nnot base64\n")
+    r = run_zeusd(["serve", "--simulate", "--mode", "tcp", "--tcp-bind-address", f"127.0.0.1:{free_tcp_port()}",
+                   "--tls-cert", str(cert), "--tls-key", str(key)])  # fmt: skip
+    assert r.returncode == 1, r.stderr
+    [line] = r.stderr.strip().splitlines()
+    assert line.startswith(f"Error: Cannot load TLS certificate '{cert}' with key '{key}': "), line
+
+
+def test_missing_tls_key_stops_startup_naming_it(tmp_path: Path) -> None:
+    cert, _ = self_signed_cert(tmp_path)
+    missing = tmp_path / "absent.pem"
+    r = run_zeusd(["serve", "--simulate", "--mode", "tcp", "--tcp-bind-address", f"127.0.0.1:{free_tcp_port()}",
+                   "--tls-cert", str(cert), "--tls-key", str(missing)])  # fmt: skip
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip().splitlines() == [f"Error: Cannot read TLS key file '{missing}': No such file or directory"]

@@ -167,7 +167,11 @@ def test_page_draws_a_simulated_node(start_daemon: DaemonFactory, page: Page, tm
         "frames drawn",
     )
     for chart in ("gpu-chart", "cpu-chart"):
-        pixels = wait_until(lambda: (p := drawn_pixels(page, chart)) and min(p.values()) >= 20 and p, f"lines in {chart}")
+        def lines_drawn(chart: str = chart) -> dict[str, int] | None:
+            pixels = drawn_pixels(page, chart)
+            return pixels if pixels and min(pixels.values()) >= 20 else None
+
+        pixels = wait_until(lines_drawn, f"lines in {chart}")
         assert len(pixels) >= 3
     if stream_format == "v0.4":
         shot = page.screenshot(tmp_path / "live-page.png")

@@ -5,18 +5,21 @@ from __future__ import annotations
 
 import gzip
 import os
-import statistics
-import time
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+import zeusd
 from tests.conftest import DaemonFactory
 from tests.daemon import Client, Daemon, issue_token, unprivileged_user, wait_until, write_signing_key
 from tests.fakenvml import FakeNvml, build_library
+from tests.manual import ManualExecutors, TestReactor
 from tests.rapl_tree import RaplTree
+from zeusd.groups import ApiGroup
+from zeusd.options import ServeConfig
+from zeusd.service import make_service
 
 GPU_LABELS = {"gpu", "name", "pci_address"}
 NVML_LOST = 15  # NVML_ERROR_GPU_IS_LOST
@@ -255,11 +258,18 @@ def test_request_counts_and_latency_by_route(sim_daemon: Daemon) -> None:
     assert after.value("zeusd_http_requests_total", route="other", method="GET", code="404") >= 1
     assert "no_such_thing_12345" not in after.text
     routes = {s.labels["route"] for s in after.all("zeusd_http_requests_total")}
-    assert routes <= {"other", "/discover", "/time", "/metrics", "/auth/whoami"} | {
-        r for r in routes if r.startswith(("/gpu/", "/cpu/"))
-    }
+    assert routes <= routing_table() | {"other"}
     assert after.value("zeusd_uptime_seconds") > 0
-    assert after.value("zeusd_build_info", version=after.all("zeusd_build_info")[0].labels["version"]) == 1
+    assert [(s.labels, s.value) for s in after.all("zeusd_build_info")] == [({"version": zeusd.__version__}, 1)]
+
+
+def routing_table() -> frozenset[str]:
+    """The paths the daemon's Klein apps route, for a simulated node with every group (built, not started)."""
+    config = ServeConfig(simulate=True, enabled_groups=tuple(ApiGroup))
+    service = make_service(config, TestReactor(), ManualExecutors(), exit_on_startup_error=False)
+    table: frozenset[str] = service.getServiceNamed("metrics").metrics.known_routes
+    assert {"/discover", "/time", "/metrics", "/gpu/get_power", "/gpu/set_power_limit", "/cpu/stream_power"} <= table
+    return table
 
 
 def test_streams_are_counted_but_kept_out_of_latency(sim_daemon: Daemon) -> None:
@@ -334,8 +344,6 @@ def test_metrics_alone_opens_no_device(start_daemon: DaemonFactory, fake: FakeNv
 
 def test_metrics_group_needs_no_root(monkeypatch: pytest.MonkeyPatch) -> None:
     from zeusd.errors import StartupError
-    from zeusd.groups import ApiGroup
-    from zeusd.options import ServeConfig
     from zeusd.startup import check_privileges
 
     assert ApiGroup.METRICS.needs_root is False
@@ -347,21 +355,12 @@ def test_metrics_group_needs_no_root(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_metrics_alone_starts_as_an_unprivileged_user(start_daemon: DaemonFactory) -> None:
-    user = unprivileged_user()
-    if user is not None and not _can_run_as(user):
-        pytest.skip("this interpreter cannot be executed by an unprivileged user here")
-    daemon = start_daemon("--enable", "metrics", transport="tcp", user=user)
+    daemon = start_daemon("--enable", "metrics", transport="tcp", user=unprivileged_user())
+    assert daemon.process is not None
+    status = Path(f"/proc/{daemon.process.pid}/status").read_text()
+    euid = int(next(line for line in status.splitlines() if line.startswith("Uid:")).split()[2])
+    assert euid == (unprivileged_user() or os.geteuid())
     assert scrape(daemon.client).value("zeusd_uptime_seconds") > 0
-
-
-def _can_run_as(user: int) -> bool:
-    import subprocess
-    import sys
-
-    try:
-        return subprocess.run([sys.executable, "-c", "pass"], user=user, timeout=30).returncode == 0
-    except OSError:
-        return False
 
 
 def test_explicit_enable_without_metrics_disables_it(start_daemon: DaemonFactory, fake: FakeNvml) -> None:
@@ -377,33 +376,3 @@ def test_enable_gpu_read_and_metrics_covers_gpus_only(start_daemon: DaemonFactor
     assert m.all("zeusd_cpu_package_up") == []
     assert {s.labels["kind"] for s in m.all("zeusd_stream_subscribers")} == {"gpu"}
     assert m.all("zeusd_gpu_clocks_locked") == []  # gpu-control is off: nothing can lock clocks
-
-
-# --------------------------------------------------------------------------- cost
-
-
-def test_bench_scrape_time_with_8_simulated_gpus(start_daemon: DaemonFactory) -> None:
-    """Prints the cost of a scrape (a measurement, not an assertion: shared CI cores)."""
-    daemon = start_daemon("--simulate", "--simulate-gpus", "8")
-    c = daemon.client
-    for _ in range(5):
-        scrape(c)
-    before = scrape(c)
-    wall = []
-    for _ in range(40):
-        t0 = time.perf_counter()
-        r = c.get("/metrics")
-        wall.append((time.perf_counter() - t0) * 1000)
-        assert r.status == 200
-    m = scrape(c)
-    assert set(m.by_gpu("zeusd_gpu_power_watts")) == set(range(8))
-
-    def served(x: Scrape, stat: str) -> float:
-        return x.value(f"zeusd_http_request_duration_seconds_{stat}", route="/metrics", method="GET")
-
-    server_ms = (served(m, "sum") - served(before, "sum")) / (served(m, "count") - served(before, "count")) * 1000
-    print(
-        f"\nBENCH /metrics, 8 simulated GPUs + 2 packages: client round trip median {statistics.median(wall):.2f} ms "
-        f"(p90 {sorted(wall)[35]:.2f} ms), server-side mean {server_ms:.2f} ms, "
-        f"device reads {m.value('zeusd_scrape_device_read_seconds') * 1000:.2f} ms, body {len(r.body)} bytes"
-    )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes.util
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -31,6 +32,7 @@ from tests.fakenvml import (
     build_library,
     preload_library,
 )
+from tests.protocols import assert_conforms
 from zeusd.devices.base import DeviceError
 from zeusd.devices.gpu.base import GPU, GPUBackend
 from zeusd.devices.gpu.nvml import (
@@ -103,9 +105,12 @@ def test_pynvml_really_uses_the_stand_in(backend: NvmlBackend, fake: FakeNvml) -
 
 
 def test_backend_satisfies_the_protocols(backend: NvmlBackend) -> None:
-    as_backend: GPUBackend = backend
+    as_backend: GPUBackend = backend  # checked by mypy (tests/ is type-checked)
     as_gpu: GPU = backend.gpus[0]
-    assert as_backend.gpus[0] is as_gpu
+    assert_conforms(as_backend, GPUBackend)
+    for gpu in backend.gpus:
+        assert_conforms(gpu, GPU)
+    assert as_gpu.index == 0 and as_backend.absence.endswith("reports no GPU")
 
 
 # --------------------------------------------------------------------------- discovery
@@ -639,9 +644,12 @@ def test_concurrent_threads_and_processes_share_state_consistently(backend: Nvml
     assert fake.gpu(0).power_mw == 100_049
     assert fake.count("nvmlDeviceGetTotalEnergyConsumption", gpu=0) == reads
     assert fake.count("nvmlDeviceGetFieldValues", gpu=1) == per_thread * 4
-    # Every line is intact (one write() per line, O_APPEND).
-    lines = fake.log_path.read_text().splitlines() if fake.log_path else []
-    assert all(line.split(" ")[0].startswith("nvml") and line.split(" ")[1].lstrip("-").isdigit() for line in lines)
+    # Every line is intact (one write() per line, O_APPEND): a torn or interleaved line fails the pattern.
+    assert fake.log_path is not None
+    lines = fake.log_path.read_text().splitlines()
+    assert len(lines) >= reads + per_thread * 4
+    torn = [line for line in lines if not re.fullmatch(r"nvml[A-Za-z_0-9]+ -?\d+( [^ ].*)?", line)]
+    assert torn == []
 
 
 def test_no_reads_while_idle(backend: NvmlBackend, fake: FakeNvml) -> None:

@@ -200,7 +200,7 @@ def daemon_metric(daemon: Daemon, name: str, token: str | None = None, **labels:
 def metric_type(prom: Prometheus, family: str) -> str:
     """The type Prometheus recorded for a metric family (it scrapes OpenMetrics: no ``_total`` in the name)."""
     metadata = prom.api("metadata", metric=family)
-    types = {m["type"] for m in metadata[family]}
+    types = {str(m["type"]) for m in metadata[family]}
     assert len(types) == 1, metadata
     return types.pop()
 

@@ -5,14 +5,15 @@ from __future__ import annotations
 import socket
 import statistics
 import time
+from typing import Any
 
 import pytest
 
 from tests.conftest import DaemonFactory
-from tests.daemon import Daemon
+from tests.daemon import Daemon, wait_until
 
 
-def _collect(daemon: Daemon, path: str, seconds: float) -> list[dict]:
+def _collect(daemon: Daemon, path: str, seconds: float) -> list[dict[str, Any]]:
     events = []
     with daemon.client.stream(path) as stream:
         deadline = time.monotonic() + seconds
@@ -112,11 +113,11 @@ def test_stalled_tcp_reader_at_a_normal_rate_is_noticed_within_seconds(start_dae
     stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     stalled.connect(("127.0.0.1", int(daemon.transport.address)))
     stalled.sendall(b"GET /gpu/stream_power HTTP/1.1\r\nHost: x\r\n\r\n")
-    started = time.monotonic()
+    # Measured here: dropped after 12 s, the daemon's shrunk send buffer, twisted's bounded write buffer and
+    # the client's 4 KiB receive buffer filling at 20 events/s (~11 s), then the 1 s stall timeout. With the
+    # kernel's autotuned buffers the same reader goes unnoticed for minutes.
     try:
-        while "Dropping a stream subscriber stalled" not in daemon.log():
-            assert time.monotonic() - started < 45, "a stalled TCP reader was not dropped within 45 s"
-            time.sleep(0.2)
+        wait_until(lambda: "Dropping a stream subscriber stalled" in daemon.log(), "the stalled reader's drop", 20)
     finally:
         stalled.close()
 

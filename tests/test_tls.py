@@ -5,29 +5,28 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import ssl
-import time
 from pathlib import Path
 
 import pytest
 from tests.daemon import Daemon, Transport, free_tcp_port, run_zeusd, self_signed_cert
 
 
+def tls_daemon(directory: Path, *args: str) -> Daemon:
+    """A simulated daemon serving HTTPS on 127.0.0.1 with a fresh self-signed certificate, started and ready
+    (its readiness probe is itself an HTTPS request that verifies the certificate)."""
+    cert, key = self_signed_cert(directory)
+    transport = Transport("tcp", free_tcp_port(), ca_file=str(cert))
+    daemon = Daemon(transport, ["--simulate", "--tls-cert", str(cert), "--tls-key", str(key), *args], {}, directory / "log")
+    return daemon.start()
+
+
 def test_https_serves_and_plain_http_does_not(tmp_path: Path) -> None:
-    cert, key = self_signed_cert(tmp_path)
-    port = free_tcp_port()
-    daemon = Daemon(
-        Transport("tcp", port), ["--simulate", "--tls-cert", str(cert), "--tls-key", str(key)], {}, tmp_path / "log"
-    )
-    daemon.start(wait=False)
+    daemon = tls_daemon(tmp_path)
     try:
-        conn = _connect_https(port, ssl.create_default_context(cafile=str(cert)))
-        conn.request("GET", "/gpu/get_power?gpu_ids=0")
-        response = conn.getresponse()
-        body = response.read()
-        assert response.status == 200 and b'"power_mw":{"0":' in body
-        plain = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-        with pytest.raises((http.client.HTTPException, OSError)):
+        r = daemon.client.get("/gpu/get_power?gpu_ids=0")  # HTTPS, verifying the daemon's certificate
+        assert r.status == 200 and b'"power_mw":{"0":' in r.body
+        plain = http.client.HTTPConnection("127.0.0.1", int(daemon.transport.address), timeout=5)
+        with pytest.raises(http.client.RemoteDisconnected):  # the TLS layer hangs up on plain HTTP
             plain.request("GET", "/discover")
             plain.getresponse().read()
     finally:
@@ -36,21 +35,15 @@ def test_https_serves_and_plain_http_does_not(tmp_path: Path) -> None:
 
 def test_sse_streams_stay_encrypted(tmp_path: Path) -> None:
     """Stream frames go through the TLS layer too (they once bypassed it as plaintext)."""
-    cert, key = self_signed_cert(tmp_path)
-    port = free_tcp_port()
-    daemon = Daemon(
-        Transport("tcp", port), ["--simulate", "--tls-cert", str(cert), "--tls-key", str(key),
-                                 "--gpu-power-poll-hz", "20", "--cpu-power-poll-hz", "20"], {}, tmp_path / "log"
-    )
-    daemon.start(wait=False)
+    daemon = tls_daemon(tmp_path, "--gpu-power-poll-hz", "20", "--cpu-power-poll-hz", "20")
     try:
-        context = ssl.create_default_context(cafile=str(cert))
         for path in ("/gpu/stream_power?gpu_ids=1", "/cpu/stream_power"):
-            conn = _connect_https(port, context)
+            conn = daemon.transport.connection()
+            assert isinstance(conn, http.client.HTTPSConnection)
             conn.request("GET", path)
             response = conn.getresponse()
             assert response.status == 200 and response.getheader("Content-Type", "").startswith("text/event-stream")
-            events = []
+            events: list[dict[str, object]] = []
             while len(events) < 3:
                 line = response.readline()  # raises ssl.SSLError if a frame arrives unencrypted
                 assert line, "stream ended"
@@ -60,17 +53,6 @@ def test_sse_streams_stay_encrypted(tmp_path: Path) -> None:
             conn.close()
     finally:
         assert daemon.stop() == 0
-
-
-def _connect_https(port: int, context: ssl.SSLContext) -> http.client.HTTPSConnection:
-    for _ in range(200):
-        conn = http.client.HTTPSConnection("localhost", port, context=context, timeout=10)
-        try:
-            conn.connect()
-            return conn
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError("daemon never accepted a TLS connection")
 
 
 def test_tls_key_readable_by_others_is_refused(tmp_path: Path) -> None:

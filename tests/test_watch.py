@@ -27,7 +27,7 @@ from twisted.internet.task import Clock, LoopingCall
 
 from tests.conftest import DaemonFactory
 from tests.daemon import REPO, Daemon, run_zeusd
-from zeusd.client import ClockOffset, PowerReading, ServerStatus
+from zeusd.client import ClockOffset, DeviceKind, PowerReading, ServerStatus
 from zeusd.watch import TICK_S, WatchScreen, print_plain, server_views, watch_lines, watch_view
 
 LIMIT_MW = 200_000
@@ -221,17 +221,17 @@ def test_watch_into_a_pipe_prints_plain_lines(two_nodes: tuple[Daemon, Daemon], 
 # --------------------------------------------------------------------------- rendering and rate, in memory
 
 
-def status_and_readings(now: float) -> tuple[dict[str, ServerStatus], dict[tuple[str, str, int], PowerReading]]:
+def status_and_readings(now: float) -> tuple[dict[str, ServerStatus], dict[tuple[str, DeviceKind, int], PowerReading]]:
     status = {
         "a:1": ServerStatus("a:1", "streaming", offset=ClockOffset(0.0004, 0.001, ())),
         "b:2": ServerStatus("b:2", "backoff", error="b:2: connection refused: is zeusd running?", retry_in_s=4.0),
         "c:3": ServerStatus("c:3", "connecting"),
     }
-    latest = {
+    latest: dict[tuple[str, DeviceKind, int], PowerReading] = {
         ("a:1", "gpu", 0): PowerReading("a:1", "gpu", 0, 200.0, now),
         ("a:1", "cpu", 0): PowerReading("a:1", "cpu", 0, 95.0, now - 8, 10.5),
     }
-    return status, latest  # type: ignore[return-value]
+    return status, latest
 
 
 def test_watch_view_never_shows_a_server_without_readings_as_zero() -> None:

@@ -24,13 +24,14 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Collection, Iterator
 
 import pytest
 
 from tests.daemon import REPO, Daemon, Transport, free_tcp_port, issue_token, terminate, wait_until
 from tests.fakenvml import FakeNvml, build_library
 from tests.rapl_tree import RaplTree
+from zeusd.auth import AUTH_REQUIRED_MESSAGE
 
 GENERATIONS = {"0.15": "0.15.1", "0.16": "0.16.0"}
 #: The --stream-format each generation needs: neither client asks with ``format=``.
@@ -45,9 +46,11 @@ GPUS: list[dict[str, object]] = [
 _values = itertools.count(1)
 
 
-def fresh(base: int, step: int = 1000) -> int:
-    """A value no earlier test used, so that a write is seen to change the state."""
-    return base + step * (next(_values) % 200)
+def fresh(base: int, step: int = 1000, *, unlike: Collection[int] = ()) -> int:
+    """A value no recent test used and none of ``unlike`` (the current settings), so a dropped write is seen."""
+    while (value := base + step * (next(_values) % 200)) in unlike:
+        pass
+    return value
 
 
 # --------------------------------------------------------------------------- the client venvs
@@ -329,10 +332,10 @@ def test_counters_move(setup: Setup, node: Node) -> None:
 
 def test_writes_change_the_device(setup: Setup, node: Node) -> None:
     z, fake = setup.zeus, node.fake
-    limit = fresh(250_000)
+    limit = fresh(250_000, unlike={fake.gpu(1).power_limit_mw})
     z.call("set_power_limit", [1], limit)
     assert fake.gpu(1).power_limit_mw == limit
-    other = fresh(300_000, 500)
+    other = fresh(300_000, 500, unlike={fake.gpu(0).power_limit_mw, limit})
     z.call("set_power_limit", [0, 1], other, block=False)  # answered before NVML is called
     wait_for(lambda: fake.gpu(0).power_limit_mw == other and fake.gpu(1).power_limit_mw == other, "non-blocking limit")
 
@@ -344,6 +347,7 @@ def test_writes_change_the_device(setup: Setup, node: Node) -> None:
     z.call("set_persistence_mode", [0], not enabled)
     assert fake.gpu(0).persistence_mode is (not enabled)
 
+    assert fake.gpu(0).gpu_locked_clocks is None and fake.gpu(1).mem_locked_clocks is None  # so a lock is a change
     low = fresh(900, 10)
     z.call("set_gpu_locked_clocks", [0], low, low + 500)
     assert fake.gpu(0).gpu_locked_clocks == (low, low + 500)
@@ -370,13 +374,15 @@ def test_writes_change_the_device(setup: Setup, node: Node) -> None:
 def test_errors_surface_as_zeusd_error(setup: Setup, node: Node) -> None:
     z = setup.zeus
     before = node.fake.gpu(0).power_limit_mw
-    too_high = z.fails("call", method="set_power_limit", args=[[0], node.fake.gpu(0).max_power_limit_mw + 1])
+    top = node.fake.gpu(0).max_power_limit_mw
+    too_high = z.fails("call", method="set_power_limit", args=[[0], top + 1])
     assert too_high["type"] == "ZeusdError" and "set_power_limit" in too_high["message"]
+    assert "power_limit_mw must be within" in too_high["message"] and f"got {top + 1}" in too_high["message"]  # 400
     assert node.fake.gpu(0).power_limit_mw == before
     unknown = z.fails("call", method="get_gpu_energy", args=[[9]])
-    assert unknown["type"] == "ZeusdError"
+    assert unknown["type"] == "ZeusdError" and unknown["message"].endswith('{"error":"GPU index 9 does not exist."}')  # 400
     unknown_cpu = z.fails("call", method="get_cpu_energy", args=[[9]])
-    assert unknown_cpu["type"] == "ZeusdError"
+    assert unknown_cpu["type"] == "ZeusdError" and unknown_cpu["message"].endswith('{"error":"CPU index 9 does not exist."}')  # 400
 
 
 @pytest.mark.parametrize("transport", ["unix", "tcp"])
@@ -391,10 +397,11 @@ def test_auth_scopes_and_bad_tokens(node: Node, gen: str, transport: str) -> Non
     assert (info["can_read_gpu"], info["can_control_gpu"], info["can_read_cpu"]) == (True, False, False)
     assert z.call("get_gpu_power")["power_mw"] == {str(i): node.fake.gpu(i).power_mw for i in range(2)}
     before = node.fake.gpu(0).power_limit_mw
-    denied = z.fails("call", method="set_power_limit", args=[[0], fresh(210_000)])
-    assert denied["type"] == "ZeusdError"
+    denied = z.fails("call", method="set_power_limit", args=[[0], fresh(210_000, unlike={before})])
+    assert denied["type"] == "ZeusdError" and "'gpu-control'" in denied["message"]  # 403, naming the scope
     assert node.fake.gpu(0).power_limit_mw == before
-    assert z.fails("call", method="get_cpu_energy", args=[[0]])["type"] == "ZeusdError"
+    no_cpu = z.fails("call", method="get_cpu_energy", args=[[0]])
+    assert no_cpu["type"] == "ZeusdError" and "'cpu-read'" in no_cpu["message"]  # 403
     lacking = z.fails("require", kwargs={"control_gpu": True})
     assert lacking["type"] == "ZeusdCapabilityError" and "gpu-control" in lacking["message"]
     # ZeusdNVIDIAGPU needs gpu-control too: GPU discovery refuses the token.
@@ -406,7 +413,8 @@ def test_auth_scopes_and_bad_tokens(node: Node, gen: str, transport: str) -> Non
     assert info["auth_required"] and "no token" in info["auth_error"]
     assert not (info["can_read_gpu"] or info["can_control_gpu"] or info["can_read_cpu"])
     assert z.fails("require", kwargs={"read_gpu": True})["type"] == "ZeusdAuthError"
-    assert z.fails("call", method="get_gpu_power")["type"] == "ZeusdError"  # 401
+    unauthenticated = z.fails("call", method="get_gpu_power")
+    assert unauthenticated["type"] == "ZeusdError" and AUTH_REQUIRED_MESSAGE in unauthenticated["message"]  # 401
 
     z.run("env", **env_for(daemon, node.tokens["foreign"]))
     info = z.run("client", config={"kind": "env"})
@@ -435,12 +443,12 @@ def test_gpu_objects_relay_privileged_calls(setup: Setup, node: Node) -> None:
     assert z.run("gpu", index=1, method="get_instant_power_usage") == fake.gpu(1).power_mw
     assert z.run("gpu", index=0, method="supports_nonblocking_setters") is True
 
-    limit = fresh(220_000)
+    limit = fresh(220_000, unlike={fake.gpu(0).power_limit_mw, fake.gpu(0).default_power_limit_mw})
     z.run("gpu", index=0, method="set_power_management_limit", args=[limit])
     assert fake.gpu(0).power_limit_mw == limit
     z.run("gpu", index=0, method="reset_power_management_limit")
     assert fake.gpu(0).power_limit_mw == fake.gpu(0).default_power_limit_mw
-    limit = fresh(230_000)
+    limit = fresh(230_000, unlike={fake.gpu(1).power_limit_mw})
     z.run("gpu", index=1, method="set_power_management_limit", args=[limit], kwargs={"block": False})
     wait_for(lambda: fake.gpu(1).power_limit_mw == limit, "non-blocking limit via ZeusdNVIDIAGPU")
     assert setup.daemon_nvml.count("nvmlDeviceSetPowerManagementLimit") >= daemon_sets_before + 3
@@ -451,6 +459,7 @@ def test_gpu_objects_relay_privileged_calls(setup: Setup, node: Node) -> None:
     if setup.gen == "0.16":
         assert z.run("gpu", index=1, method="get_persistence_mode") is enabled
 
+    assert fake.gpu(1).gpu_locked_clocks is None and fake.gpu(0).mem_locked_clocks is None  # so a lock is a change
     low = fresh(1000, 10)
     z.run("gpu", index=1, method="set_gpu_locked_clocks", args=[low, low + 200])
     assert fake.gpu(1).gpu_locked_clocks == (low, low + 200)
@@ -514,7 +523,7 @@ def test_power_streaming_two_daemons(node: Node, gen: str) -> None:
         assert len(power["alive"]) == 4
 
         # Live: a new GPU power shows up through both streams.
-        new = fresh(120_000, 7)
+        new = fresh(120_000, 7, unlike={fake.gpu(0).power_mw})
         fake.set_gpu(0, power_mw=new)
         wait_for(lambda: readings(gpu_watts(fake)), "the new power value")
 
@@ -531,7 +540,7 @@ def test_power_streaming_two_daemons(node: Node, gen: str) -> None:
         z.run("logs")
         assert restarted.stop() == 0
         restarted.start()
-        fake.set_gpu(1, power_mw=fresh(80_000, 11))
+        fake.set_gpu(1, power_mw=fresh(80_000, 11, unlike={fake.gpu(1).power_mw}))
         wait_for(lambda: readings(gpu_watts(fake)), "the restarted daemon's readings")
         power = z.run("stream_power", name="two")
         assert len(power["alive"]) == 4
@@ -543,7 +552,7 @@ def test_power_streaming_two_daemons(node: Node, gen: str) -> None:
             return {r["message"].split()[-1] for r in records if r["message"].startswith("SSE connected to")}
 
         wait_for(lambda: reconnected() == want, "both streams of the restarted daemon to reconnect")
-        fake.set_gpu(0, power_mw=fresh(60_000, 13))
+        fake.set_gpu(0, power_mw=fresh(60_000, 13, unlike={fake.gpu(0).power_mw}))
         wait_for(lambda: readings(gpu_watts(fake)), "readings after the reconnection")
         assert len(z.run("stream_power", name="two")["alive"]) == 4
         assert not z.run("logs")["thread_errors"]

@@ -66,7 +66,10 @@ class GpuService(OpenedAtStart):
 
     @inlineCallbacks
     def _drain_then_close(self, backend: GPUBackend) -> Any:
-        idle: Deferred[Any] = self.manager.when_idle()
+        # A Deferred of our own to time out: cancelling the manager's DeferredList would only cancel each
+        # queue's wait (failures nobody handles) and still fire it as a success, never as a timeout.
+        idle: Deferred[Any] = Deferred()
+        self.manager.when_idle().chainDeferred(idle)
         idle.addTimeout(self._grace_s, self._reactor)
         try:
             yield idle
