@@ -70,6 +70,7 @@ ENDPOINTS: dict[str, tuple[str, str, str | None]] = {
     # bench/floor_klein.py: an empty 200 once a no-op ran on a thread (the floor under a command)
     "floor_command": ("POST", "/command", None),
 }
+FLOOR_ENDPOINTS = frozenset({"floor_command"})  # served by the floor only (bench/compare.py), not by zeusd
 
 
 @dataclass(frozen=True)
@@ -606,7 +607,7 @@ def latency_one(d: Daemon, name: str, plan: Plan, count: int = 0) -> dict[str, A
 
 
 def scenario_latency(d: Daemon, plan: Plan) -> dict[str, Any]:
-    return {name: latency_one(d, name, plan) for name in ENDPOINTS}
+    return {name: latency_one(d, name, plan) for name in ENDPOINTS if name not in FLOOR_ENDPOINTS}
 
 
 def scenario_throughput(d: Daemon, plan: Plan) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -98,3 +99,18 @@ def running(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def gone_within(pid: int, timeout_s: float) -> bool:
+    """The process has exited (or is a zombie) within ``timeout_s``: a SIGKILLed process of a killed
+    group exits once it is scheduled, so right after the kill it may still be there. Waits on a pidfd
+    (readable when the process exits), not by polling."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        readable, _, _ = select.select([fd], [], [], timeout_s)
+        return bool(readable) or not running(pid)
+    finally:
+        os.close(fd)

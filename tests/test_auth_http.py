@@ -369,7 +369,7 @@ ESCALATION_PATHS: dict[str, str | None] = {
     "/gpu%2fset_power_limit": None,
     "/gpu/set_power_limit%00": "gpu-control",
     "/gpu/set_power_limit;x": "gpu-control",
-    "http://localhost/gpu/set_power_limit": None,
+    "http://localhost/gpu/set_power_limit": "gpu-control",  # absolute-form target (RFC 9112 3.2.2)
 }
 
 

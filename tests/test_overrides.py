@@ -20,8 +20,10 @@ import pytest
 
 from tests.conftest import DaemonFactory
 from tests.daemon import REPO, Client, Daemon, Transport, free_tcp_port, run_zeusd, unprivileged_user, wait_until
-from tests.fakenvml import FakeNvml
-from tests.override_files import children_of, pipes_of, recorder, records, running, write_overrides, write_script
+from tests.fakenvml import FakeNvml, build_library
+from tests.override_files import (
+    children_of, gone_within, pipes_of, recorder, records, running, write_overrides, write_script,
+)  # fmt: skip
 from tests.test_cli import _euid_of, unprivileged_command, wait_for_discover
 from zeusd.devices.gpu.control import OPERATIONS
 
@@ -153,7 +155,7 @@ def test_a_hung_command_is_killed_at_its_timeout_and_leaves_nothing(
         "errors": {"2": f"Override command failed: command '{hang} 2' timed out after 1 s and was killed; stdout: ; stderr: "}
     }
     shell, sleeper = (int(p) for p in pids.read_text().split())
-    assert not running(shell) and not running(sleeper)
+    assert not running(shell) and gone_within(sleeper, 10)
     assert children_of(pid) == set()  # reaped: no zombie
     assert pipes_of(pid) == pipes_before
     # The GPU's queue goes on.
@@ -297,9 +299,15 @@ def open_dir() -> Iterator[Path]:
 
 
 def test_an_unprivileged_daemon_runs_gpu_control_through_its_overrides(
-    fake: FakeNvml, open_dir: Path, processes: list[subprocess.Popen[Any]]
+    open_dir: Path, processes: list[subprocess.Popen[Any]]
 ) -> None:
     """gpu-control without root: overridden operations run their commands; the rest are warned about."""
+    # The stand-in's state and call log where nobody (the daemon and its commands) can reach them.
+    fake = FakeNvml(open_dir / "nvml.state", open_dir / "nvml.log", build_library())
+    fake.create(4)
+    for path in (fake.state_path, open_dir / "nvml.log"):
+        path.touch()
+        os.chmod(path, 0o666)
     out = open_dir / "out"
     out.mkdir(mode=0o777)
     os.chmod(out, 0o1777)
@@ -323,6 +331,7 @@ def test_an_unprivileged_daemon_runs_gpu_control_through_its_overrides(
     assert discovery["gpu_command_overrides"] == ["set_power_limit"]
     assert client.post("/gpu/set_power_limit?gpu_ids=1&power_limit_mw=275000&block=true").status == 200
     assert records(rec) == [["record", "1", "275"]]
+    assert fake.calls(NVML_SETTERS) == [] and fake.gpu(1).power_limit_mw != 275_000
     assert (
         "gpu-control runs without root for its overridden operations; set_persistence_mode, set_gpu_locked_clocks, "
         "reset_gpu_locked_clocks, set_mem_locked_clocks, reset_mem_locked_clocks, reset_locked_clocks still use the "
