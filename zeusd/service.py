@@ -38,7 +38,6 @@ from zeusd.devices.cpu.service import CpuService
 from zeusd.devices.executor import ExecutorFactory, thread_executors
 from zeusd.devices.gpu.base import GPUBackend
 from zeusd.devices.gpu.manager import GpuManager
-from zeusd.devices.gpu.overrides import CommandOverride, OverridesService
 from zeusd.devices.gpu.service import GpuService
 from zeusd.devices.sampling import CpuPowerSampler, GpuPowerSampler
 from zeusd.errors import StartupError
@@ -56,6 +55,7 @@ from zeusd.web.gpu_control import gpu_control_app
 from zeusd.web.gpu_read import gpu_read_app
 
 if TYPE_CHECKING:
+    from zeusd.devices.gpu.overrides import CommandOverride
     from zeusd.metrics import DaemonMetrics, LockedClocks
 
 log = Logger()
@@ -338,6 +338,8 @@ def make_service(
     if config.enabled(ApiGroup.GPU_CONTROL) or config.enabled(ApiGroup.GPU_READ):
         overrides: dict[str, CommandOverride] = {}
         if config.gpu_command_overrides is not None and config.enabled(ApiGroup.GPU_CONTROL):
+            from zeusd.devices.gpu.overrides import OverridesService  # only when configured: TOML, trust, runner
+
             children.append(OverridesService(config.gpu_command_overrides, overrides))
         gpus = GpuManager(reactor, executors, overrides)
         gpus_required = config.groups_explicit and (
