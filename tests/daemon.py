@@ -272,6 +272,35 @@ def unprivileged_user() -> int | None:
     return 65534 if os.geteuid() == 0 else None
 
 
+def unprivileged_command(args: Sequence[str]) -> tuple[list[str], int | None]:
+    """argv and ``user=`` for running ``zeusd ARGS`` really as nobody (we are root) or as ourselves (we are not),
+    with an interpreter that user can execute (tests/interpreter.py)."""
+    user = unprivileged_user()
+    return [python_for(user), "-m", "zeusd", *args], user
+
+
+def euid_of(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return int(line.split()[2])
+    raise AssertionError("no Uid line")
+
+
+def wait_for_discover(client: Client, process: subprocess.Popen[Any], timeout: float = 30.0) -> dict[str, Any]:
+    """/discover's answer once the daemon serves (plugin scanning can make the Twisted runners slow)."""
+
+    def answer() -> dict[str, Any] | None:
+        if process.poll() is not None:
+            raise AssertionError(f"daemon exited early with {process.returncode}")
+        try:
+            r = client.get("/discover")
+        except OSError:
+            return None
+        return dict(r.json()) if r.status == 200 else None
+
+    return wait_until(answer, "the daemon to answer /discover", timeout)
+
+
 #: How long a test's daemon gets to exit on SIGTERM: more than its own grace for queued commands (10 s).
 TERMINATE_GRACE_S = 20.0
 

@@ -10,8 +10,13 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
+
+from zeusd.devices.base import DeviceError
+from zeusd.devices.readings import Reading, Sample
+from zeusd.devices.sampling import Round
 
 
 class ManualExecutor:
@@ -145,3 +150,38 @@ class StreamRequest:
 
     def events(self) -> list[bytes]:
         return [event for data in self.written for event in data.split(b"\n\n") if event.startswith(b"data: ")]
+
+def outcome(d: Deferred[Any]) -> Any:
+    """The result a fired Deferred holds (asserting it fired); takes it (call once per Deferred)."""
+    box: list[Any] = []
+    d.addBoth(box.append)
+    assert box, "the Deferred has not fired"
+    return box[0]
+
+
+class ScriptedSampler:
+    """A sampler over Rounds whose device 1 takes ``slow_s`` per read (None: never answers)."""
+
+    def __init__(self, clock: Clock, slow_s: float | None) -> None:
+        self.clock = clock
+        self.slow_s = slow_s
+        self.round: Round[Reading[int]] = Round(clock, self._read, lambda f, i: DeviceError("x"), lambda i: DeviceError("hung"), 5.0)
+
+    def reset(self) -> None:
+        self.round.reset()
+
+    def _read(self, index: int) -> Deferred[Reading[int]]:
+        reading = Reading(100 + index, int(self.clock.seconds() * 1000))
+        if index != 1:
+            return succeed(reading)
+        d: Deferred[Reading[int]] = Deferred()
+        if self.slow_s is not None:
+            self.clock.callLater(self.slow_s, d.callback, reading)
+        return d
+
+    def sample(self, ids: Any, within_s: float) -> Deferred[Sample | None]:
+        def to_sample(results: dict[int, Any]) -> Sample:
+            ok = {i: r for i, r in results.items() if isinstance(r, Reading)}
+            return Sample(int(self.clock.seconds() * 1000), ok)
+
+        return self.round.collect(ids, within_s).addCallback(to_sample)

@@ -17,13 +17,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping
 
 import jwt
 import pytest
 
-from tests.daemon import REPO, Client, Transport, free_tcp_port, unprivileged_user, write_signing_key
-from tests.interpreter import python_for
+from tests.daemon import (
+    REPO, Client, Transport, euid_of, free_tcp_port, unprivileged_command, unprivileged_user, wait_for_discover,
+    write_signing_key,
+)  # fmt: skip
 
 BIN = Path(sys.executable).parent
 ZEUSD = BIN / "zeusd"
@@ -49,21 +51,6 @@ def zeusd(*args: str, env: Mapping[str, str] | None = None, timeout: float = 30)
 def error_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.strip()]
 
-
-def wait_for_discover(client: Client, process: subprocess.Popen[Any], timeout: float = 30.0) -> dict[str, Any]:
-    """Poll /discover until the daemon answers (plugin scanning can make the Twisted runners slow)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"daemon exited early with {process.returncode}")
-        try:
-            r = client.get("/discover")
-            if r.status == 200:
-                return dict(r.json())
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("daemon did not answer /discover")
 
 
 # --------------------------------------------------------------------------- help, version, usage errors
@@ -250,12 +237,6 @@ def test_token_issue_key_problems(tmp_path: Path, key_file: Path) -> None:
 
 NOBODY = 65534
 
-def unprivileged_command(args: Sequence[str]) -> tuple[list[str], int | None]:
-    """argv and ``user=`` for running ``zeusd ARGS`` really as nobody (we are root) or as ourselves (we are not),
-    with an interpreter that user can execute (tests/interpreter.py)."""
-    user = unprivileged_user()
-    return [python_for(user), "-m", "zeusd", *args], user
-
 
 @pytest.fixture
 def empty_lib_dir() -> Iterator[str]:
@@ -287,12 +268,6 @@ def test_privileged_groups_refused_without_root(empty_lib_dir: str, enable: str,
     log = r.stdout.splitlines()  # the configuration, then the refusal, and nothing of a traceback
     assert log[-1].endswith(refusal) and "Traceback" not in r.stdout, r.stdout
 
-
-def _euid_of(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("Uid:"):
-            return int(line.split()[2])
-    raise AssertionError("no Uid line")
 
 
 def test_gpu_read_needs_no_root_but_needs_its_gpus(empty_lib_dir: str) -> None:
@@ -331,7 +306,7 @@ def test_unprivileged_daemon_starts(
     client = Client(Transport("tcp", port))
     discovery = wait_for_discover(client, p)
     if unprivileged_user() is not None:
-        assert _euid_of(p.pid) == NOBODY
+        assert euid_of(p.pid) == NOBODY
     assert discovery["gpu_ids"] == gpus
     if not gpus:
         assert discovery["enabled_api_groups"] == ["gpu-read"]

@@ -10,14 +10,14 @@ from __future__ import annotations
 import signal
 import time
 from pathlib import Path
-from typing import Any, Callable, Coroutine, Iterator, TypeVar
+from typing import Any, Callable, Iterator
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import deferLater
 
+from tests.client_helpers import address, within
 from tests.conftest import DaemonFactory
 from tests.daemon import Daemon, Transport, free_tcp_port, self_signed_cert, terminate, write_signing_key
 from zeusd.auth import issue_token
@@ -31,33 +31,19 @@ from zeusd.client import (
     PowerLimit,
     PowerLimitConstraints,
     PowerReading,
-    ServerAddress,
     ZeusdAuthError,
     ZeusdClient,
     ZeusdConnectionError,
     ZeusdHTTPError,
 )
 
-T = TypeVar("T")
 
 MIN_LIMIT_MW = 200_000  # the simulated GPU's lowest limit: its power then sits exactly on it
-
-
-def within(seconds: float, coro: Coroutine[Any, Any, T]) -> "Deferred[T]":
-    d: Deferred[T] = ensureDeferred(coro)
-    d.addTimeout(seconds, reactor)
-    return d
 
 
 async def sleep(seconds: float) -> None:
     await deferLater(reactor, seconds, lambda: None)
 
-
-def address(daemon: Daemon) -> ServerAddress:
-    t = daemon.transport
-    if t.kind == "unix":
-        return ServerAddress("unix", path=str(t.address))
-    return ServerAddress("http", host="127.0.0.1", port=int(t.address))
 
 
 def write_key(directory: Path) -> tuple[str, bytes]:

@@ -18,24 +18,16 @@ from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
-from tests.manual import ManualExecutor, ManualExecutors, RecordingSink
+from tests.manual import ManualExecutor, ManualExecutors, RecordingSink, ScriptedSampler, outcome
 from zeusd.devices.base import DeviceError
 from zeusd.devices.cpu.base import CpuPackage
 from zeusd.devices.cpu.manager import CpuManager, wrap_guard_interval
 from zeusd.devices.cpu.service import CpuService
 from zeusd.devices.executor import SerialExecutor, SingleFlight, gather, gather_within, thread_executors
-from zeusd.devices.readings import Reading, Sample
 from zeusd.devices.sampling import TICK_DEADLINE_SHARE, Round
 from zeusd.sse import GPU_ENCODERS
 from zeusd.streaming import StreamHub
 
-
-def outcome(d: Deferred[Any]) -> Any:
-    """The result a fired Deferred holds (asserting it fired); takes it (call once per Deferred)."""
-    box: list[Any] = []
-    d.addBoth(box.append)
-    assert box, "the Deferred has not fired"
-    return box[0]
 
 
 # SerialExecutor: a real thread, driven by events --------------------------------------
@@ -274,33 +266,6 @@ def test_round_reports_a_hung_device_once_and_takes_it_back() -> None:
     clock.advance(0.04)  # device 1's next read is running again; its late answer goes out now
     assert outcome(d) == {0: 1, 1: 42}
 
-
-class ScriptedSampler:
-    """A sampler over Rounds whose device 1 takes ``slow_s`` per read (None: never answers)."""
-
-    def __init__(self, clock: Clock, slow_s: float | None) -> None:
-        self.clock = clock
-        self.slow_s = slow_s
-        self.round: Round[Reading[int]] = Round(clock, self._read, lambda f, i: DeviceError("x"), lambda i: DeviceError("hung"), 5.0)
-
-    def reset(self) -> None:
-        self.round.reset()
-
-    def _read(self, index: int) -> Deferred[Reading[int]]:
-        reading = Reading(100 + index, int(self.clock.seconds() * 1000))
-        if index != 1:
-            return succeed(reading)
-        d: Deferred[Reading[int]] = Deferred()
-        if self.slow_s is not None:
-            self.clock.callLater(self.slow_s, d.callback, reading)
-        return d
-
-    def sample(self, ids: Any, within_s: float) -> Deferred[Sample | None]:
-        def to_sample(results: dict[int, Any]) -> Sample:
-            ok = {i: r for i, r in results.items() if isinstance(r, Reading)}
-            return Sample(int(self.clock.seconds() * 1000), ok)
-
-        return self.round.collect(ids, within_s).addCallback(to_sample)
 
 
 @pytest.mark.parametrize("slow_s", [None, 4.0], ids=["hung", "4 s per read"])

@@ -38,7 +38,7 @@ import pytest
 from markdown_it import MarkdownIt
 
 from tests.daemon import REPO, Client, Daemon, Transport, free_tcp_port, wait_until, write_signing_key
-from tests.test_zeus_compat import client_python
+from tests.zeus_clients import client_python
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 

@@ -20,7 +20,7 @@ from tests.daemon import Daemon, run_zeusd
 from tests.fakeamdsmi import AMDSMI_STATUS_DRIVER_NOT_LOADED, FakeAmdSmi
 from tests.fakenvml import ENV_LOG as NVML_LOG, ENV_STATE as NVML_STATE, FakeNvml
 from tests.stand_ins import amdsmi_bindings_installed
-from tests.test_metrics import scrape
+from tests.metrics_text import scrape
 
 NO_NVML = "the NVML library (libnvidia-ml.so.1) could not be loaded; is the NVIDIA driver installed?"
 NO_AMD_LIBRARY = (

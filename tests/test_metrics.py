@@ -8,14 +8,13 @@ import os
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.samples import Sample
 
 import zeusd
 from tests.conftest import DaemonFactory
-from tests.daemon import Client, Daemon, issue_token, unprivileged_user, wait_until, write_signing_key
+from tests.daemon import Daemon, issue_token, unprivileged_user, wait_until, write_signing_key
 from tests.fakenvml import FakeNvml, build_library
 from tests.manual import ManualExecutors, TestReactor
+from tests.metrics_text import Scrape, scrape
 from tests.rapl_tree import RaplTree
 from zeusd.groups import ApiGroup
 from zeusd.options import ServeConfig
@@ -25,39 +24,6 @@ GPU_LABELS = {"gpu", "name", "pci_address"}
 NVML_LOST = 15  # NVML_ERROR_GPU_IS_LOST
 NVML_NOT_SUPPORTED = 3
 
-
-class Scrape:
-    """One parsed scrape: samples by name, with label lookups."""
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-        self.families = {f.name: f for f in text_string_to_metric_families(text)}
-        self.samples: dict[str, list[Sample]] = {}
-        for family in self.families.values():
-            for s in family.samples:
-                self.samples.setdefault(s.name, []).append(s)
-
-    def all(self, name: str, **labels: str) -> list[Sample]:
-        return [s for s in self.samples.get(name, []) if all(s.labels.get(k) == v for k, v in labels.items())]
-
-    def value(self, name: str, **labels: str) -> float:
-        found = self.all(name, **labels)
-        assert len(found) == 1, f"{name}{labels}: {found}"
-        return float(found[0].value)
-
-    def value_or(self, name: str, default: float, **labels: str) -> float:
-        found = self.all(name, **labels)
-        return float(found[0].value) if found else default
-
-    def by_gpu(self, name: str) -> dict[int, float]:
-        return {int(s.labels["gpu"]): float(s.value) for s in self.samples.get(name, [])}
-
-
-def scrape(client: Client, token: str | None = None) -> Scrape:
-    r = client.get("/metrics", token=token)
-    assert r.status == 200, r.body[:500]
-    assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
-    return Scrape(r.body.decode())
 
 
 @pytest.fixture

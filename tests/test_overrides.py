@@ -19,12 +19,14 @@ from typing import Any, Iterator
 import pytest
 
 from tests.conftest import DaemonFactory
-from tests.daemon import REPO, Client, Daemon, Transport, free_tcp_port, run_zeusd, unprivileged_user, wait_until
+from tests.daemon import (
+    REPO, Client, Daemon, Transport, euid_of, free_tcp_port, run_zeusd, unprivileged_command, unprivileged_user,
+    wait_for_discover, wait_until,
+)  # fmt: skip
 from tests.fakenvml import FakeNvml, build_library
 from tests.override_files import (
     children_of, gone_within, pipes_of, recorder, records, running, write_overrides, write_script,
 )  # fmt: skip
-from tests.test_cli import _euid_of, unprivileged_command, wait_for_discover
 from zeusd.devices.gpu.control import OPERATIONS
 
 GROUPS = ("--enable", "gpu-control,gpu-read,metrics")
@@ -327,7 +329,7 @@ def test_an_unprivileged_daemon_runs_gpu_control_through_its_overrides(
     client = Client(Transport("tcp", port))
     discovery = wait_for_discover(client, p)
     if unprivileged_user() is not None:
-        assert _euid_of(p.pid) == unprivileged_user()
+        assert euid_of(p.pid) == unprivileged_user()
     assert discovery["gpu_command_overrides"] == ["set_power_limit"]
     assert client.post("/gpu/set_power_limit?gpu_ids=1&power_limit_mw=275000&block=true").status == 200
     assert records(rec) == [["record", "1", "275"]]

@@ -16,8 +16,7 @@ from typing import Iterator
 import pytest
 from twisted.internet.task import Clock
 
-from tests.manual import ManualExecutors
-from tests.test_concurrency import outcome
+from tests.manual import ManualExecutors, outcome
 from tests.override_files import (
     children_of, gone_within, pipes_of, recorder, records, running, write_overrides, write_script,
 )  # fmt: skip

@@ -18,8 +18,8 @@ import pytest_twisted
 from tests.conftest import DaemonFactory
 from tests.daemon import Daemon, wait_until
 from tests.stand_ins import AMD_PERSISTENCE_UNSUPPORTED, AMD_SINGLE_DOMAIN_RESET, AmdSmiStandIn, NvmlStandIn
-from tests.test_client import address, within
-from tests.test_metrics import scrape
+from tests.client_helpers import address, within
+from tests.metrics_text import scrape
 from zeusd.client import PersistenceMode, PowerLimit, PowerLimitConstraints, ZeusdAuthError, ZeusdClient, ZeusdHTTPError
 
 

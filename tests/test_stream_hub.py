@@ -10,8 +10,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from tests.manual import StreamRequest
-from tests.test_concurrency import ScriptedSampler
+from tests.manual import ScriptedSampler, StreamRequest
 from zeusd.devices.readings import Sample
 from zeusd.sse import GPU_ENCODERS
 from zeusd.streaming import StreamHub

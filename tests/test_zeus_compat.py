@@ -31,9 +31,9 @@ import pytest
 from tests.daemon import REPO, Daemon, Transport, free_tcp_port, issue_token, terminate, wait_until
 from tests.fakenvml import FakeNvml, build_library
 from tests.rapl_tree import RaplTree
+from tests.zeus_clients import GENERATIONS, client_python
 from zeusd.auth import AUTH_REQUIRED_MESSAGE
 
-GENERATIONS = {"0.15": "0.15.1", "0.16": "0.16.0"}
 #: The --stream-format each generation needs: neither client asks with ``format=``.
 STREAM_FORMAT = {"0.15": "v0.4", "0.16": "v0.5"}
 ALL_GROUPS = "gpu-control,gpu-read,cpu-read"
@@ -55,17 +55,6 @@ def fresh(base: int, step: int = 1000, *, unlike: Collection[int] = ()) -> int:
 
 # --------------------------------------------------------------------------- the client venvs
 
-
-def client_python(gen: str) -> Path:
-    venv = REPO / f".venv-zeus-{gen}"
-    python = venv / "bin" / "python"
-    marker = venv / ".zeus-version"
-    if python.exists() and marker.exists() and marker.read_text().strip() == GENERATIONS[gen]:
-        return python
-    why = f"{venv.name} with zeus=={GENERATIONS[gen]} is missing: run tests/zeus_clients/setup_venvs.sh"
-    if os.environ.get("ZEUSD_REQUIRE_ZEUS_CLIENTS") == "1":
-        pytest.fail(why)
-    pytest.skip(why)
 
 
 class ClientError(AssertionError):
