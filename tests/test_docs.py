@@ -313,6 +313,7 @@ class DocRun:
     port: int = field(default_factory=free_tcp_port)
     shells: dict[int, Shell] = field(default_factory=dict)
     ran: set[int] = field(default_factory=set)
+    daemon_not_started: str | None = None  # why the document's own daemon command did not run (a skip)
     daemon_logs: list[Path] = field(default_factory=list)
     simulated: Daemon | None = None
 
@@ -356,11 +357,19 @@ class DocRun:
             if earlier.index not in self.ran:
                 self.ran.add(earlier.index)
                 try:
-                    self._run_one(earlier, commands)
+                    self._run_noting_skips(earlier, commands)
                 except (pytest.skip.Exception, pytest.fail.Exception, AssertionError):
                     pass  # reported by that command's own test
         self.ran.add(command.index)
-        self._run_one(command, commands)
+        self._run_noting_skips(command, commands)
+
+    def _run_noting_skips(self, command: Command, commands: list[Command]) -> None:
+        try:
+            self._run_one(command, commands)
+        except pytest.skip.Exception as skipped:
+            if DAEMON.search(command.text):
+                self.daemon_not_started = str(skipped)  # names the command already
+            raise
 
     def _run_one(self, command: Command, commands: list[Command]) -> None:
         reason = skip_reason(command.text)
@@ -375,6 +384,8 @@ class DocRun:
         daemon = DAEMON.search(text) is not None
         if daemon and not text.rstrip().endswith("&"):
             text += " &"
+        if self.sock in text and self.daemon_not_started is not None:
+            pytest.skip(f"{command.name}: the document's daemon was skipped ({self.daemon_not_started})")
         if self.sock in text and not any(DAEMON.search(c.text) and not skip_reason(c.text) for c in commands):
             self.start_simulated_daemon()
         shell = self.shell(command)
